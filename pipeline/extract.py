@@ -57,9 +57,10 @@ class ExtractConfig:
     progress: bool = True
     dataset_options: dict[str, Any] = field(default_factory=dict)
 
-    def out_path(self) -> Path:
+    def out_path(self) -> Path | str:
+        """The store location: a local path, or an fsspec URL kept as given (s3://, gs://, ...)."""
         if self.out:
-            return Path(self.out).expanduser()
+            return self.out if "://" in self.out else Path(self.out).expanduser()
         return Path("cache") / f"{self.dataset}_{self.backbone}.zarr"
 
 
@@ -284,7 +285,7 @@ def extract_shards(store: FeatureStore, dataset: Dataset, backbone: Backbone, sh
     current: dict[str, Any] | None = None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="img", desc=f"extract {store.path.name}", disable=not cfg.progress,
+    bar = tqdm(total=total, unit="img", desc=f"extract {store.name}", disable=not cfg.progress,
                mininterval=1.0, file=sys.stderr)
     try:
         for indices, images, ok, reasons, extras in loader:
@@ -419,7 +420,7 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
         return ExtractResult(str(store.path), total, 0, 0, time.perf_counter() - started, 0.0, True, [])
     store.remove_partial_writes()
     # Workers open the store by path, so it must be one they can all reach.
-    task_cfg = replace(cfg, out=str(store.path.resolve()), overwrite=False,
+    task_cfg = replace(cfg, out=str(store.path.resolve()) if store.is_local else store.location, overwrite=False,
                        root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None)
     cluster = None
     if scheduler:
@@ -433,7 +434,7 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
     images = 0
     try:
         futures = client.map(extract_shard_task, [task_cfg] * len(todo), todo, retries=retries, pure=False)
-        with tqdm(total=len(todo), unit="shard", desc=f"extract {store.path.name}", disable=not cfg.progress,
+        with tqdm(total=len(todo), unit="shard", desc=f"extract {store.name}", disable=not cfg.progress,
                   file=sys.stderr) as bar:
             for future in as_completed(futures):
                 out = future.result()

@@ -19,11 +19,11 @@ instead of silently reading the fill value.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import zarr
@@ -116,8 +116,12 @@ def _describe_difference(existing: dict, wanted: dict, keys: Sequence[str]) -> s
 class FeatureStore:
     """A cache of one backbone's tokens over one dataset (see the module docstring)."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, attrs: dict):
-        self.path = Path(path)
+    def __init__(self, location: str | Path, group: zarr.Group, attrs: dict):
+        self.location = str(location)
+        self.fs, self.root = fsspec.core.url_to_fs(self.location)
+        self.is_local = meta._is_local(self.fs)
+        # A local store is a Path; a store on object storage keeps its fsspec URL.
+        self.path: Path | str = Path(self.root) if self.is_local else self.location
         self.group = group
         self.attrs = attrs
         self.layout = StoreLayout.from_json(attrs["layout"])
@@ -132,13 +136,14 @@ class FeatureStore:
                        extra_attrs: dict | None = None, overwrite: bool = False) -> "FeatureStore":
         """Create a new store, or reopen an existing one made from exactly the same inputs.
 
+        `path` is a local path or an fsspec URL (s3://..., gs://..., memory://...).
         Raises FingerprintMismatch naming the differing fields otherwise; pass
         overwrite=True (CLI: --overwrite) to delete the old store first.
         """
-        path = Path(path)
-        if path.exists() and overwrite:
-            shutil.rmtree(path)
-        if (path / "zarr.json").exists():
+        fs, root = fsspec.core.url_to_fs(str(path))
+        if overwrite and fs.exists(root):
+            fs.rm(root, recursive=True)
+        if fs.exists(f"{root}/zarr.json"):
             store = cls.open(path, mode="r+")
             differ = compare_fingerprints(store.fingerprint, fingerprint)
             if differ:
@@ -155,15 +160,15 @@ class FeatureStore:
                     f"{ {k: layout.to_json()[k] for k in differ} }). Use the same options or a new --out path."
                 )
             return store
-        if path.exists() and any(path.iterdir()):
+        if fs.exists(root) and fs.ls(root):
             raise ProtocacheError(f"{path} exists, is not empty and is not a protocache store; choose another --out.")
         return cls._create(path, layout, fingerprint, extra_attrs or {})
 
     @classmethod
-    def _create(cls, path: Path, layout: StoreLayout, fingerprint: dict, extra_attrs: dict) -> "FeatureStore":
+    def _create(cls, path: str | Path, layout: StoreLayout, fingerprint: dict, extra_attrs: dict) -> "FeatureStore":
         if layout.shard_size % layout.chunk_size:
             raise ProtocacheError(f"shard size {layout.shard_size} must be a multiple of chunk size {layout.chunk_size}")
-        group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
+        group = zarr.open_group(_zarr_store(str(path), read_only=False), mode="w", zarr_format=3)
         compressors = _compressors(layout.compressor)
         n, t, d, s, c = layout.num_images, layout.num_tokens, layout.dim, layout.shard_size, layout.chunk_size
         empty_ok = {"write_empty_chunks": True}  # a shard of zeros must still exist on disk
@@ -184,11 +189,11 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise StoreNotFound(f"no feature store at {path} (expected {path / 'zarr.json'}); "
+        fs, root = fsspec.core.url_to_fs(str(path))
+        if not fs.exists(f"{root}/zarr.json"):
+            raise StoreNotFound(f"no feature store at {path} (expected {root}/zarr.json); "
                                 "create one with `protocache extract`.")
-        group = zarr.open_group(zarr.storage.LocalStore(path, read_only=(mode == "r")), mode=mode)
+        group = zarr.open_group(_zarr_store(str(path), read_only=(mode == "r")), mode=mode)
         attrs = group.attrs.get(ATTRS_KEY)
         if not attrs:
             raise StoreNotFound(f"{path} is a Zarr group but not a protocache store (no '{ATTRS_KEY}' attributes).")
@@ -222,15 +227,19 @@ class FeatureStore:
             keys.append(f"{name}/c/{shard_index}" + "/0" * (ndim - 1))
         return keys
 
+    @property
+    def name(self) -> str:
+        return self.root.rstrip("/").rsplit("/", 1)[-1]
+
     def shard_exists(self, shard_index: int) -> bool:
-        if shard_index not in meta.written_parts(self.path):
+        if shard_index not in meta.written_parts(self.fs, self.root):
             return False
         return all(sync(self.group.store.exists(k)) for k in self._shard_keys(shard_index))
 
     def written_shards(self, refresh: bool = False) -> list[int]:
         """Shards whose arrays and Parquet part are all on disk."""
         if self._written is None or refresh:
-            parts = meta.written_parts(self.path)
+            parts = meta.written_parts(self.fs, self.root)
             self._written = {i for i in parts if i < self.layout.num_shards and self.shard_exists(i)}
         return sorted(self._written)
 
@@ -275,7 +284,7 @@ class FeatureStore:
         table = rows if isinstance(rows, pa.Table) else meta.rows_to_table(rows)
         if table.num_rows != stop - start:
             raise ValueError(f"shard {shard_index}: {table.num_rows} metadata rows, expected {stop - start}")
-        meta.write_part(self.path, shard_index, table)
+        meta.write_part(self.fs, self.root, shard_index, table)
         if self._written is not None:
             self._written.add(shard_index)
         self._metadata = None
@@ -285,6 +294,8 @@ class FeatureStore:
 
         Call only while no other writer is active on this store.
         """
+        if not self.is_local:
+            return 0
         leftovers = list(self.path.rglob("*.partial")) + list((self.path / meta.META_DIR).glob(".part-*.tmp-*"))
         for p in leftovers:
             p.unlink(missing_ok=True)
@@ -314,7 +325,7 @@ class FeatureStore:
         """All metadata rows in row order (raises if a shard is missing)."""
         if self._metadata is None:
             self.require_rows(0, self.num_images)
-            tables = [meta.read_part(self.path, i) for i in range(self.layout.num_shards)]
+            tables = [meta.read_part(self.fs, self.root, i) for i in range(self.layout.num_shards)]
             self._metadata = pa.concat_tables(tables, promote_options="permissive")
         return self._metadata
 
@@ -414,7 +425,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ reports
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return int(self.fs.du(self.root))
 
     def info(self) -> dict[str, Any]:
         lay = self.layout
@@ -445,7 +456,7 @@ class FeatureStore:
         for i in self.written_shards():
             start, stop = self.layout.shard_bounds(i)
             try:
-                table = meta.read_part(self.path, i)
+                table = meta.read_part(self.fs, self.root, i)
             except Exception as exc:  # noqa: BLE001 - any unreadable part is a problem to report
                 problems.append(f"shard {i}: metadata unreadable: {exc}")
                 continue
@@ -473,6 +484,14 @@ def _as_batch(batch: dict[str, np.ndarray], as_torch: bool) -> dict[str, Any]:
     import torch
 
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def _zarr_store(location: str, read_only: bool):
+    """zarr's LocalStore for paths (atomic file writes), its fsspec store for URLs."""
+    fs, root = fsspec.core.url_to_fs(location)
+    if meta._is_local(fs):
+        return zarr.storage.LocalStore(root, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(location, read_only=read_only)
 
 
 def _compressors(name: str | None):

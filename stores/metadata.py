@@ -46,28 +46,40 @@ def rows_to_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def write_part(store_dir: Path, shard_index: int, table: pa.Table) -> Path:
-    meta_dir = Path(store_dir) / META_DIR
-    meta_dir.mkdir(parents=True, exist_ok=True)
-    final = meta_dir / part_name(shard_index)
-    tmp = meta_dir / f".{part_name(shard_index)}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+def write_part(fs, root: str, shard_index: int, table: pa.Table) -> str:
+    """Write a shard's Parquet part so that it appears whole or not at all.
+
+    Locally through a temporary name renamed into place; on object stores a single PUT
+    is already all-or-nothing.
+    """
+    meta_dir = f"{root}/{META_DIR}"
+    final = f"{meta_dir}/{part_name(shard_index)}"
+    if _is_local(fs):
+        Path(meta_dir).mkdir(parents=True, exist_ok=True)
+        tmp = f"{meta_dir}/.{part_name(shard_index)}.tmp-{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+    else:
+        pq.write_table(table, final, filesystem=fs)
     return final
 
 
-def written_parts(store_dir: Path) -> set[int]:
-    meta_dir = Path(store_dir) / META_DIR
-    if not meta_dir.is_dir():
-        return set()
+def written_parts(fs, root: str) -> set[int]:
     out = set()
-    for p in meta_dir.glob("part-*.parquet"):
+    for p in fs.glob(f"{root}/{META_DIR}/part-*.parquet"):
         try:
-            out.add(int(p.stem.split("-")[1]))
+            out.add(int(p.rsplit("/", 1)[-1][len("part-"):-len(".parquet")]))
         except ValueError:
             continue
     return out
 
 
-def read_part(store_dir: Path, shard_index: int) -> pa.Table:
-    return pq.read_table(Path(store_dir) / META_DIR / part_name(shard_index))
+def read_part(fs, root: str, shard_index: int) -> pa.Table:
+    path = f"{root}/{META_DIR}/{part_name(shard_index)}"
+    if _is_local(fs):
+        return pq.read_table(path)
+    return pq.read_table(path, filesystem=fs)
+
+
+def _is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))

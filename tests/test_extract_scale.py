@@ -91,3 +91,21 @@ def test_local_dask_cluster_matches_single_process(tmp_path):
     assert store_bytes(Path(single.out)) == store_bytes(Path(dist.out))  # same pinned thread count: same bytes
     again = run_extract_distributed(dist, workers=2)
     assert again.nothing_to_do
+
+
+def test_store_at_an_fsspec_url(tmp_path):
+    """Object storage goes through fsspec; the in-memory filesystem is a real fsspec backend."""
+    import fsspec
+
+    url = "memory://protocache-test/digits.zarr"
+    fsspec.filesystem("memory").rm("/protocache-test", recursive=True) if fsspec.filesystem("memory").exists(
+        "/protocache-test") else None
+    run_extract(tiny_config(tmp_path, limit=20, out=url))
+    run_extract(tiny_config(tmp_path, "local.zarr", limit=20))
+    remote, local = FeatureStore.open(url), FeatureStore.open(tmp_path / "local.zarr")
+    assert not remote.is_local and remote.verify() == [] and remote.bytes_on_disk() > 0
+    assert np.array_equal(remote.read("tokens", 0, 20), local.read("tokens", 0, 20))
+    assert remote.metadata().equals(local.metadata())
+    assert run_extract(tiny_config(tmp_path, limit=20, out=url)).nothing_to_do
+    url_local = FeatureStore.open(f"file://{tmp_path / 'local.zarr'}")
+    assert url_local.is_local and url_local.verify() == []

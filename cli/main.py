@@ -9,6 +9,7 @@ import typer
 from protocache.stores.errors import ProtocacheError
 
 from . import store_commands  # noqa: F401  (registers extract, info, verify, datasets)
+from . import dataset_commands  # noqa: F401
 from .app import app
 
 

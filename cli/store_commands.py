@@ -30,17 +30,20 @@ def extract(
     compressor: Optional[str] = typer.Option(None, help="none | zstd[:level] for the arrays."),
     overwrite: bool = typer.Option(False, help="Delete an existing store at --out first."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    dataset_option: list[str] = typer.Option([], "--dataset-option",
+                                             help="KEY=VALUE passed to the dataset (repeatable), e.g. crop=false."),
     scheduler: Optional[str] = typer.Option(None, help="Run on an existing dask cluster (tcp://HOST:PORT)."),
     workers: Optional[int] = typer.Option(None, help="Run on a local dask cluster of N worker processes."),
 ):
     """Run the frozen backbone over a dataset and write the feature store (resumes a partial one)."""
-    from protocache.pipeline.extract import ExtractConfig, parse_views, run_extract
+    from protocache.pipeline.extract import ExtractConfig, parse_dataset_options, parse_views, run_extract
 
     cfg = ExtractConfig(dataset=dataset, root=root, backbone=backbone, weights=weights, out=out,
                         batch_size=batch_size, shard_size=shard_size, chunk_size=chunk_size, device=device,
                         precision=precision, limit=limit, views=parse_views(views), noise_sigma=noise_sigma,
                         on_bad_image=on_bad_image, num_workers=num_workers, threads=threads,
-                        compressor=compressor, overwrite=overwrite, progress=progress)
+                        compressor=compressor, overwrite=overwrite, progress=progress,
+                        dataset_options=parse_dataset_options(dataset_option))
     if scheduler or workers:
         from protocache.pipeline.extract import run_extract_distributed
 

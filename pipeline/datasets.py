@@ -1,6 +1,7 @@
 """Dataset registry: each dataset is a manifest (one dict per image) plus an image loader.
 
-A manifest row has at least ``image_id, path, label, class_name, split, width, height``;
+A manifest row has at least ``image_id, path, label, class_name, split``; ``width, height``
+are filled in by extract from the decoded image when the manifest does not know them;
 datasets with annotations add columns (bounding box, part keypoints). Row order is the
 store's row order, so it must be deterministic.
 

@@ -92,6 +92,24 @@ def parse_views(views: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+def parse_dataset_options(items: Sequence[str]) -> dict[str, str]:
+    """['crop=false', 'split_seed=1'] -> {'crop': 'false', 'split_seed': '1'} (datasets parse the values)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ProtocacheError(f"bad --dataset-option {item!r}: use KEY=VALUE, e.g. crop=false")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _load_cropped(dataset: Dataset, index: int):
+    """Image `index` as the backbone sees it before its transform: after the record's crop_box."""
+    image = dataset.load_image(index)
+    box = dataset.records[index].get("crop_box")
+    return image.crop(tuple(int(round(v)) for v in box)) if box is not None else image
+
+
 def noise_generator(image_id: str, view: str = "noise") -> torch.Generator:
     """Per-image seed, so a noise view is the same whoever extracts the image, and when."""
     seed = int.from_bytes(hashlib.sha256(f"{image_id}/{view}".encode()).digest()[:8], "little")
@@ -225,7 +243,7 @@ def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
     cosine = 1.0
     if backbone.precision != "fp32":
         transform = backbone.transform()
-        probe = torch.stack([transform(dataset.load_image(i).convert("RGB")) for i in range(min(4, len(dataset)))])
+        probe = torch.stack([transform(_load_cropped(dataset, i).convert("RGB")) for i in range(min(4, len(dataset)))])
         cosine = backbone.check_precision(probe)
         if backbone.precision == "fp32":
             _log(f"bf16 tokens differ from fp32 (cosine {cosine:.4f} < 0.99): extracting in fp32")

@@ -109,3 +109,68 @@ def test_store_at_an_fsspec_url(tmp_path):
     assert run_extract(tiny_config(tmp_path, limit=20, out=url)).nothing_to_do
     url_local = FeatureStore.open(f"file://{tmp_path / 'local.zarr'}")
     assert url_local.is_local and url_local.verify() == []
+
+
+def make_folder_tree(root: Path, per_class: int = 6) -> list[Path]:
+    """root/{train,test}/{a,b}/NN.jpg with small real JPEGs; returns the files in manifest order."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for split in ("test", "train"):
+        for cls in ("a", "b"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, size=(20 + i, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{i:02d}.jpg", quality=90)
+                files.append(d / f"{i:02d}.jpg")
+    return files
+
+
+def test_bad_images_stop_the_run_or_are_recorded(tmp_path):
+    root = tmp_path / "tree"
+    make_folder_tree(root)
+    good = run_extract(tiny_config(tmp_path, "good.zarr", dataset="folder", root=str(root), limit=None, shard_size=8))
+    assert good.shards_total == 3
+    # Corrupt one image in the second shard: a truncated JPEG.
+    meta = FeatureStore.open(tmp_path / "good.zarr").metadata()
+    bad_row = 11
+    bad_path = Path(meta.column("path")[bad_row].as_py())
+    bad_path.write_bytes(bad_path.read_bytes()[:200])
+    with pytest.raises(Exception) as err:
+        run_extract(tiny_config(tmp_path, "stop.zarr", dataset="folder", root=str(root), limit=None, shard_size=8))
+    assert str(bad_path) in str(err.value) and "--on-bad-image skip" in str(err.value)
+    stopped = FeatureStore.open(tmp_path / "stop.zarr")
+    assert stopped.written_shards() == [0] and stopped.verify() == ["missing shards: [1, 2]"]
+
+    run_extract(tiny_config(tmp_path, "skip.zarr", dataset="folder", root=str(root), limit=None, shard_size=8,
+                            on_bad_image="skip"))
+    skip, ref = FeatureStore.open(tmp_path / "skip.zarr"), FeatureStore.open(tmp_path / "good.zarr")
+    table = skip.metadata()
+    assert table.column("ok").to_pylist() == [i != bad_row for i in range(24)]
+    assert "truncated" in table.column("reason")[bad_row].as_py().lower() or table.column("reason")[bad_row].as_py()
+    others = [i for i in range(24) if i != bad_row]
+    assert np.array_equal(skip.read_rows("tokens", others), ref.read_rows("tokens", others))  # nothing shifted
+    assert not skip.read("tokens", bad_row, bad_row + 1).any()
+    assert bad_row not in skip.split_rows(table.column("split")[bad_row].as_py())
+    assert table.column("image_id").to_pylist() == ref.metadata().column("image_id").to_pylist()
+
+    # A file that is not an image at all, through the command line: one clear line, no traceback.
+    bad_path.write_text("not an image")
+    r = subprocess.run([sys.executable, "-m", "protocache.cli.main", "extract", "--dataset", "folder", "--root",
+                        str(root), "--backbone", "test_efficientnet", "--weights", "random", "--out",
+                        str(tmp_path / "cli.zarr"), "--no-progress", "--num-workers", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and str(bad_path) in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "cub", "--root", "/nonexistent/birds"], "/nonexistent/birds"),
+    (["--dataset", "cub"], "--root"),
+    (["--dataset", "imagenet", "--root", "."], "image-net.org"),
+])
+def test_dataset_root_errors_are_clear(tmp_path, args, message):
+    r = subprocess.run([sys.executable, "-m", "protocache.cli.main", "extract", *args, "--out",
+                        str(tmp_path / "x.zarr")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

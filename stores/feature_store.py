@@ -374,54 +374,84 @@ class FeatureStore:
     def iter_batches(self, split: str | None = "train", batch_size: int = 256, *,
                      fields: Sequence[str] = ("tokens", "label"), view: str = CLEAN,
                      shuffle: bool = False, seed: int = 0, shards_in_memory: int = 2,
-                     drop_last: bool = False, as_torch: bool = False) -> Iterator[dict[str, Any]]:
-        """Stream batches of one split, holding at most `shards_in_memory` shards at once.
+                     drop_last: bool = False, as_torch: bool = False,
+                     prefetch: bool = True) -> Iterator[dict[str, Any]]:
+        """Stream batches of one split, holding a bounded number of shards in memory.
 
-        With shuffle, the shard order is permuted and rows are permuted within each
-        window of `shards_in_memory` shards, all from `seed`. Fields are array names
-        ('tokens', 'pooled', 'logits') and the metadata columns 'label' and 'row'.
-        Arrays come as float16 numpy (or torch tensors with as_torch=True).
+        Rows are read a window of `shards_in_memory` shards at a time; with prefetch the
+        next window is read in a background thread while the current one is consumed (so
+        at most two windows are in memory). With shuffle, the shard order is permuted and
+        rows are permuted within each window, all from `seed`. Fields are array names
+        ('tokens', 'pooled', 'logits') and the metadata columns 'label' and 'row'. Arrays
+        come as float16 numpy (or torch tensors with as_torch=True).
         """
         rows_wanted = self.split_rows(split)
         s = self.layout.shard_size
-        by_shard: dict[int, np.ndarray] = {}
-        for r in rows_wanted:
-            by_shard.setdefault(int(r) // s, []).append(int(r))  # type: ignore[arg-type]
+        by_shard: dict[int, list[int]] = {}
+        for r in rows_wanted.tolist():
+            by_shard.setdefault(r // s, []).append(r)
         shard_order = sorted(by_shard)
         rng = np.random.default_rng(seed)
         if shuffle:
             shard_order = [shard_order[i] for i in rng.permutation(len(shard_order))]
+        step = max(1, shards_in_memory)
+        windows = [shard_order[w:w + step] for w in range(0, len(shard_order), step)]
+        # Draw every permutation up front so the order never depends on the prefetch thread.
+        orders = [rng.permutation(sum(len(by_shard[sh]) for sh in win)) if shuffle else None for win in windows]
         labels = self.labels()
-        array_fields = [f for f in fields if f in ARRAY_NAMES]
+        loaded = (self._load_window(win, by_shard, fields, labels, view) for win in windows)
+        if prefetch:
+            loaded = _prefetched(loaded)
         carry: dict[str, np.ndarray] | None = None
-        window = max(1, shards_in_memory)
-        for w in range(0, len(shard_order), window):
-            parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-            for shard in shard_order[w:w + window]:
-                rows = np.asarray(by_shard[shard], dtype=np.int64)
-                start, stop = self.layout.shard_bounds(shard)
-                for f in array_fields:
-                    block = self.read(f, start, stop, view)
-                    parts[f].append(block[rows - start])
-                if "label" in fields:
-                    parts["label"].append(labels[rows])
-                if "row" in fields:
-                    parts["row"].append(rows)
-            buf = {f: np.concatenate(v) for f, v in parts.items()}
-            if shuffle:
-                perm = rng.permutation(len(next(iter(buf.values()))))
-                buf = {f: v[perm] for f, v in buf.items()}
+        for (blocks, offsets), order in zip(loaded, orders):
+            n = int(offsets[-1])
+            order = np.arange(n) if order is None else order
+
+            def take(index: np.ndarray) -> dict[str, np.ndarray]:
+                return {f: _gather(blocks[f], offsets, index) for f in fields}
+
+            i = 0
             if carry is not None:
-                buf = {f: np.concatenate([carry[f], buf[f]]) for f in fields}
+                need = min(batch_size - len(carry[fields[0]]), n)
+                head = take(order[:need])
+                carry = {f: np.concatenate([carry[f], head[f]]) for f in fields}
+                i = need
+                if len(carry[fields[0]]) < batch_size:
+                    continue
+                yield _as_batch(carry, as_torch)
                 carry = None
-            n = len(next(iter(buf.values())))
-            full = n // batch_size * batch_size
-            for i in range(0, full, batch_size):
-                yield _as_batch({f: v[i:i + batch_size] for f, v in buf.items()}, as_torch)
-            if full < n:
-                carry = {f: v[full:] for f, v in buf.items()}
+            while i + batch_size <= n:
+                yield _as_batch(take(order[i:i + batch_size]), as_torch)
+                i += batch_size
+            if i < n:
+                carry = take(order[i:])
         if carry is not None and not drop_last:
             yield _as_batch(carry, as_torch)
+
+    def _load_window(self, shards: Sequence[int], by_shard: dict[int, list[int]], fields: Sequence[str],
+                     labels: np.ndarray, view: str) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
+        """The wanted rows of a few shards, each shard read whole and in one call per array.
+
+        Returns the per-shard blocks of every field (not concatenated: batches gather from
+        them directly) and the row offsets of the blocks within the window.
+        """
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        for shard in shards:
+            rows = np.asarray(by_shard[shard], dtype=np.int64)
+            start, stop = self.layout.shard_bounds(shard)
+            whole = len(rows) == stop - start
+            for f in fields:
+                if f in ARRAY_NAMES:
+                    block = self.read(f, start, stop, view)
+                    parts[f].append(block if whole else block[rows - start])
+                elif f == "label":
+                    parts[f].append(labels[rows])
+                elif f == "row":
+                    parts[f].append(rows)
+                else:
+                    raise ProtocacheError(f"unknown batch field {f!r}; use tokens, pooled, logits, label or row")
+        sizes = [len(by_shard[shard]) for shard in shards]
+        return parts, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     # ------------------------------------------------------------------ reports
     def bytes_on_disk(self) -> int:
@@ -476,6 +506,57 @@ class FeatureStore:
         if not missing and rows != self.num_images:
             problems.append(f"metadata has {rows} rows, expected {self.num_images}")
         return problems
+
+
+def _gather(blocks: list[np.ndarray], offsets: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rows `index` of the virtual concatenation of `blocks` (block b starts at offsets[b])."""
+    if len(blocks) == 1:
+        return blocks[0][index]
+    which = np.searchsorted(offsets, index, side="right") - 1
+    out = np.empty((len(index),) + blocks[0].shape[1:], dtype=blocks[0].dtype)
+    for b, block in enumerate(blocks):
+        mask = which == b
+        if mask.any():
+            out[mask] = block[index[mask] - offsets[b]]
+    return out
+
+
+def _prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Produce the next item(s) in a background thread while the caller works on the current one."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+            q.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((done, exc))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)
 
 
 def _as_batch(batch: dict[str, np.ndarray], as_torch: bool) -> dict[str, Any]:

@@ -208,6 +208,7 @@ def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backb
         "class_names": dataset.class_names,
         "part_names": dataset.part_names,
         "dataset_options": dataset.options,
+        "dataset_root": str(Path(cfg.root).expanduser().resolve()) if cfg.root else None,
         "backbone": backbone.describe(),
         "bf16_cosine_to_fp32": precision_cosine,
         "noise": {"sigma": cfg.noise_sigma, "clip": NOISE_CLIP, "seed": "sha256(image_id/noise)"},

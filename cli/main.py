@@ -8,8 +8,14 @@ import typer
 
 from protocache.stores.errors import ProtocacheError
 
-from . import store_commands  # noqa: F401  (registers extract, info, verify, datasets)
-from . import dataset_commands  # noqa: F401
+# Each command module registers its commands on the shared app when imported.
+from . import ablate_commands  # noqa: F401  (ablate)
+from . import bench_commands  # noqa: F401  (bench)
+from . import dataset_commands  # noqa: F401  (make-dataset)
+from . import eval_commands  # noqa: F401  (evaluate)
+from . import explain_commands  # noqa: F401  (explain)
+from . import head_commands  # noqa: F401  (fit-head, heads, bench-heads)
+from . import store_commands  # noqa: F401  (extract, info, verify, datasets)
 from .app import app
 
 
@@ -24,10 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        # Usage errors (unknown command or option, bad value) arrive here in non-standalone
+        # mode; they are click exceptions that know how to print themselves.
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
         raise

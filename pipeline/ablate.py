@@ -1,0 +1,410 @@
+"""Ablate stage: a grid of head configs on one store, many heads per read pass.
+
+Points of the grid that share a store and a batch schedule (same head, seed, epochs and
+batch size) form a group. A group is trained in one read pass: every head of the group
+runs its own, unchanged `fit_head` in a thread, but the threads take turns (one runs at a
+time, switching whenever one asks for its next batch) and read through one shared view of
+the store, so each batch is read once and handed to every head that asks for it, in the
+spirit of DINOv2's linear evaluation that trains many classifiers on one pass.
+
+Each thread keeps its own torch / numpy / Python random state, swapped in whenever it runs,
+so a head trained in a group gets exactly the weights it gets when trained alone with the
+same seed. Groups are independent and run in parallel on a dask cluster when one is given.
+Finished points (a run folder with metrics.json for the same config) are skipped, so an
+interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from protocache.stores import FeatureStore
+from protocache.stores import runs as run_files
+from protocache.stores.errors import ProtocacheError
+
+# Config keys that change the batch schedule; points differing only in other keys share a pass.
+SCHEDULE_KEYS = ("epochs", "batch_size")
+
+
+@dataclass
+class AblatePoint:
+    head: str
+    config: dict[str, Any]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        parts = [self.head] + [f"{k}={_fmt(v)}" for k, v in sorted(self.config.items())] + [f"seed={self.seed}"]
+        return re.sub(r"[^A-Za-z0-9=._-]+", "_", "-".join(parts))
+
+
+@dataclass
+class AblateConfig:
+    store: str
+    grid_file: str
+    out: str
+    seeds: list[int] | None = None  # overrides the file's seeds
+    workers: int | None = None
+    scheduler: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    evaluate: bool | None = None  # None: when the store has part keypoints
+    fit_options: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def read_grid(path: str | Path, seeds: Sequence[int] | None = None) -> tuple[list[AblatePoint], dict[str, Any]]:
+    """Points of a grid file: `head`, then `grid` (key -> list of values, cartesian product)
+    and/or `configs` (a list of explicit configs), optional `seeds` and `fit` options."""
+    import yaml
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ProtocacheError(f"grid file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ProtocacheError(f"grid file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or "head" not in data:
+        raise ProtocacheError(f"grid file {p} needs a `head:` and a `grid:` mapping or a `configs:` list")
+    unknown = sorted(set(data) - {"head", "grid", "configs", "seeds", "fit"})
+    if unknown:
+        raise ProtocacheError(f"grid file {p}: unknown top-level key(s) {unknown}; use head, grid, configs, seeds, fit")
+    head = str(data["head"])
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise ProtocacheError(f"grid file {p}: `grid` maps each config key to a non-empty list of values")
+    configs: list[dict[str, Any]] = []
+    if grid:
+        keys = sorted(grid)
+        configs += [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    for c in data.get("configs") or []:
+        if not isinstance(c, dict):
+            raise ProtocacheError(f"grid file {p}: every entry of `configs` is a mapping")
+        configs.append(dict(c))
+    if not configs:
+        configs = [{}]
+    seed_list = list(seeds) if seeds else list(data.get("seeds") or [0])
+    points = [AblatePoint(head, c, int(s)) for c in configs for s in seed_list]
+    # Validate every config against the head before any training starts.
+    from .heads import config_keys
+
+    valid = set(config_keys(head))
+    for point in points:
+        bad = sorted(set(point.config) - valid)
+        if bad:
+            raise ProtocacheError(f"grid file {p}: {head} has no config key(s) {bad}; valid: {', '.join(sorted(valid))}")
+    return points, dict(data.get("fit") or {})
+
+
+def group_points(points: Sequence[AblatePoint]) -> list[list[AblatePoint]]:
+    """Points sharing a batch schedule: same head, seed and schedule keys."""
+    groups: dict[tuple, list[AblatePoint]] = {}
+    for p in points:
+        key = (p.head, p.seed) + tuple(_fmt(p.config.get(k)) for k in SCHEDULE_KEYS)
+        groups.setdefault(key, []).append(p)
+    return list(groups.values())
+
+
+def point_done(run_dir: Path, point: AblatePoint) -> bool:
+    try:
+        config, _ = run_files.read_run(run_dir)
+    except ProtocacheError:
+        return False
+    recorded = config.get("ablate_point") or {}
+    return recorded == {"head": point.head, "config": point.config, "seed": point.seed}
+
+
+# ----------------------------------------------------------------------------- one read pass
+
+
+class _Baton:
+    """Lets exactly one of a group's threads run at a time, round robin, with its own RNG state."""
+
+    def __init__(self, members: int):
+        self.cond = threading.Condition()
+        self.turn = 0
+        self.alive = list(range(members))
+        self.states: dict[int, tuple] = {}
+        self.local = threading.local()
+
+    def _save(self, member: int) -> None:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.states[member] = (torch.get_rng_state(), np.random.get_state(), random.getstate(), cuda)
+
+    def _restore(self, member: int) -> None:
+        if member in self.states:
+            t, n, r, cuda = self.states[member]
+            torch.set_rng_state(t)
+            np.random.set_state(n)
+            random.setstate(r)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+    def enter(self, member: int) -> None:
+        self.local.member = member
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == member)
+            self._restore(member)
+
+    def switch(self) -> None:
+        """Hand the turn to the next live member and wait for ours to come back."""
+        member = self.local.member
+        with self.cond:
+            self._save(member)
+            i = self.alive.index(member)
+            self.turn = self.alive[(i + 1) % len(self.alive)]
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.turn == member)
+            self._restore(member)
+
+    def leave(self) -> None:
+        member = self.local.member
+        with self.cond:
+            i = self.alive.index(member)
+            self.alive.remove(member)
+            if self.alive:
+                self.turn = self.alive[i % len(self.alive)]
+            self.cond.notify_all()
+
+
+class SharedStore:
+    """A FeatureStore seen by several heads: identical batch streams are read once.
+
+    `iter_batches` calls with the same arguments share one underlying read; each batch is
+    kept until every head that opened that stream has taken it. Everything else is
+    delegated to the real store.
+    """
+
+    def __init__(self, store: FeatureStore, baton: _Baton):
+        self._store, self._baton = store, baton
+        self._streams: dict[tuple, dict[str, Any]] = {}
+        self.reads = 0  # batches read from the real store (for tests and the benchmark)
+        self.served = 0  # batches handed to heads
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def iter_batches(self, *args, **kwargs) -> Iterator[dict[str, Any]]:
+        key = (args, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())))
+        member = self._baton.local.member
+        stream = self._streams.get(key)
+        if stream is None or member in stream["cursor"] or stream["dropped"] > 0:
+            # A new stream (or one this head already went through, or whose start is gone): read anew.
+            stream = {"source": self._store.iter_batches(*args, **kwargs), "buffer": [], "dropped": 0,
+                      "cursor": {}, "done": False}
+            self._streams[key] = stream
+        stream["cursor"][member] = 0
+        return self._consume(stream, member)
+
+    def _consume(self, stream: dict[str, Any], member: int) -> Iterator[dict[str, Any]]:
+        try:
+            while True:
+                i = stream["cursor"][member]
+                local = i - stream["dropped"]
+                if local >= len(stream["buffer"]):
+                    if stream["done"]:
+                        return
+                    try:
+                        stream["buffer"].append(next(stream["source"]))
+                        self.reads += 1
+                    except StopIteration:
+                        stream["done"] = True
+                        return
+                batch = stream["buffer"][i - stream["dropped"]]
+                stream["cursor"][member] = i + 1
+                self._trim(stream)
+                self.served += 1
+                yield batch
+                self._baton.switch()
+        finally:
+            stream["cursor"].pop(member, None)
+            self._trim(stream)
+
+    @staticmethod
+    def _trim(stream: dict[str, Any]) -> None:
+        """Drop batches every current reader of the stream has passed."""
+        if not stream["cursor"]:
+            return
+        low = min(stream["cursor"].values())
+        while stream["dropped"] < low and stream["buffer"]:
+            stream["buffer"].pop(0)
+            stream["dropped"] += 1
+
+
+def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_options: dict[str, Any],
+              evaluate: bool = False) -> list[dict[str, Any]]:
+    """Train a group of points in one read pass; returns one result row per point."""
+    from .fit import FitConfig, fit_head
+
+    store = FeatureStore.open(store_path)
+    baton = _Baton(len(points))
+    shared = SharedStore(store, baton)
+    results: list[dict[str, Any] | None] = [None] * len(points)
+    errors: list[BaseException | None] = [None] * len(points)
+
+    def work(member: int) -> None:
+        baton.enter(member)
+        try:
+            point = points[member]
+            fit = FitConfig(**{**fit_options, "seed": point.seed, "progress": False})
+            started = time.perf_counter()
+            result = fit_head(point.head, store_path, Path(out) / point.name, point.config, fit, store=shared,
+                              extra_config={"ablate_point": {"head": point.head, "config": point.config,
+                                                             "seed": point.seed}})
+            results[member] = {"fit_seconds": time.perf_counter() - started, **result.metrics}
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            errors[member] = exc
+        finally:
+            baton.leave()
+
+    threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in range(len(points))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for exc in errors:
+        if exc is not None:
+            raise exc
+    rows = []
+    for point, metrics in zip(points, results):
+        row = _result_row(point, Path(out) / point.name, metrics)
+        row["group_reads"] = shared.reads  # batches read from the store for the whole group
+        row["group_served"] = shared.served  # batches handed to the group's heads
+        row["group_size"] = len(points)
+        if evaluate:
+            row.update(_eval_row(Path(out) / point.name))
+        rows.append(row)
+    return rows
+
+
+def _result_row(point: AblatePoint, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"run": point.name, "run_dir": str(run_dir), "head": point.head, "seed": point.seed,
+            **{f"config.{k}": _fmt(v) if isinstance(v, (list, dict)) else v for k, v in point.config.items()},
+            "train_accuracy": metrics.get("train_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
+            "prototype_count": metrics.get("prototype_count"),
+            "fit_seconds": metrics.get("fit_seconds", metrics.get("seconds"))}
+
+
+def _eval_row(run_dir: Path) -> dict[str, Any]:
+    from .evaluate import EvaluateConfig, evaluate_run
+
+    res = evaluate_run(run_dir, EvaluateConfig(confusion_png=False))
+    return {k: (res[k].get("value") if isinstance(res[k], dict) else res[k])
+            for k in ("consistency", "stability", "purity", "drift")}
+
+
+def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
+    """Run (or resume) a sweep; writes OUT/results.parquet and OUT/summary.png."""
+    points, file_fit = read_grid(cfg.grid_file, cfg.seeds)
+    store = FeatureStore.open(cfg.store)
+    missing = store.missing_shards()
+    if missing:
+        raise ProtocacheError(f"{cfg.store}: shards {missing} are not written; complete the store first.")
+    out = Path(cfg.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    fit_options = {**file_fit, **cfg.fit_options, "device": cfg.device}
+    if cfg.threads:
+        fit_options["threads"] = cfg.threads
+    evaluate = cfg.evaluate if cfg.evaluate is not None else "parts_input" in store.metadata().column_names
+    todo = [p for p in points if not point_done(out / p.name, p)]
+    skipped = len(points) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(points)} points already finished; training the other {len(todo)}.",
+              file=sys.stderr, flush=True)
+    groups = group_points(todo)
+    store_path = str(Path(store.path).resolve()) if store.is_local else store.location
+    if groups and (cfg.workers or cfg.scheduler):
+        from dask.distributed import Client, LocalCluster
+
+        cluster = None if cfg.scheduler else LocalCluster(n_workers=cfg.workers, threads_per_worker=1,
+                                                          processes=True, dashboard_address=None)
+        client = Client(cfg.scheduler) if cfg.scheduler else Client(cluster)
+        try:
+            futures = [client.submit(run_group, store_path, g, str(out.resolve()), fit_options, evaluate,
+                                     pure=False, retries=1) for g in groups]
+            for f in futures:
+                f.result()
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    else:
+        for g in groups:
+            run_group(store_path, g, str(out), fit_options, evaluate)
+    rows = []
+    for p in points:  # every point, finished now or before, from its run folder
+        config, metrics = run_files.read_run(out / p.name)
+        row = _result_row(p, out / p.name, metrics)
+        if evaluate:
+            row.update(_eval_row(out / p.name))
+        rows.append(row)
+    write_results(rows, out / "results.parquet")
+    swept = sorted({k for p in points for k in p.config})
+    plot = summary_plot(rows, swept, out / "summary.png")
+    return {"points": len(points), "trained": len(todo), "skipped": skipped, "groups": len(groups),
+            "results": str(out / "results.parquet"), "summary": plot}
+
+
+def write_results(rows: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path) -> str | None:
+    """One panel per swept key: each metric's mean over the other keys and seeds, ± the spread over seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metrics = [m for m in ("test_accuracy", "consistency", "purity") if any(r.get(m) is not None for r in rows)]
+    keys = list(keys) or ["seed"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        col = key if key == "seed" else f"config.{key}"
+        values = sorted({r.get(col) for r in rows}, key=lambda v: (isinstance(v, str), v))
+        xs = np.arange(len(values))
+        for metric in metrics:
+            means, spreads = [], []
+            for v in values:
+                per_seed: dict[int, list[float]] = {}
+                for r in rows:
+                    if r.get(col) == v and r.get(metric) is not None:
+                        per_seed.setdefault(r["seed"], []).append(float(r[metric]))
+                seed_means = [np.mean(x) for x in per_seed.values()]
+                means.append(np.mean(seed_means) if seed_means else np.nan)
+                spreads.append(np.std(seed_means) if len(seed_means) > 1 else 0.0)
+            ax.errorbar(xs, means, yerr=spreads, marker="o", capsize=3, label=metric)
+        ax.set_xticks(xs, [str(v) for v in values])
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("value (mean ± std over seeds)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,72 @@
+"""Bench stage: fit every registered head with its defaults on one store and compare.
+
+The table is what the README quotes: each head's test accuracy, its gap to the linear
+probe in percentage points (negative = below the probe), its prototype count and how
+long its fit took.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocache.stores.errors import ProtocacheError
+
+from .fit import FitConfig, fit_head
+from .heads import list_heads
+
+
+@dataclass
+class BenchConfig:
+    store: str
+    seed: int = 0
+    heads: tuple[str, ...] | None = None  # None: every registered head
+    out: str | None = None  # keep the runs under OUT/<head>; None: a temporary folder, removed after
+    device: str = "auto"
+    epochs: int | None = None  # override every head's epochs (quick smoke runs)
+    threads: int | None = None
+    progress: bool = False
+
+
+def bench_heads(config: BenchConfig) -> list[dict[str, Any]]:
+    """Fit each head (the linear probe first) and return one row per head."""
+    heads = list(config.heads or list_heads())
+    unknown = [h for h in heads if h not in list_heads()]
+    if unknown:
+        raise ProtocacheError(f"unknown head(s) {unknown}; registered heads: {', '.join(list_heads())}")
+    if "linear" in heads:  # the yardstick first, so every gap is known as soon as a head finishes
+        heads.remove("linear")
+        heads.insert(0, "linear")
+    root = Path(config.out).expanduser() if config.out else Path(tempfile.mkdtemp(prefix="protocache-bench-"))
+    fit = FitConfig(seed=config.seed, device=config.device, epochs=config.epochs, threads=config.threads,
+                    progress=config.progress)
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in heads:
+            result = fit_head(name, config.store, root / name, {}, fit)
+            m = result.metrics
+            rows.append({"head": name, "test_accuracy": m["test_accuracy"], "train_accuracy": m["train_accuracy"],
+                         "prototype_count": m["prototype_count"], "local_size": m.get("local_size"),
+                         "fit_seconds": m["seconds"], "run_dir": str(root / name) if config.out else None})
+    finally:
+        if not config.out:
+            shutil.rmtree(root, ignore_errors=True)
+    probe = next((r["test_accuracy"] for r in rows if r["head"] == "linear"), None)
+    for r in rows:
+        r["gap_to_probe_points"] = None if probe is None else round(100 * (r["test_accuracy"] - probe), 2)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table (head, test accuracy %, gap to the probe in points, prototypes, seconds)."""
+    header = f"{'head':<12} {'test acc':>9} {'vs probe':>9} {'prototypes':>11} {'local size':>11} {'fit s':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        gap = "" if r["gap_to_probe_points"] is None or r["head"] == "linear" else f"{r['gap_to_probe_points']:+.1f}"
+        local = "" if r.get("local_size") is None else f"{r['local_size']:.1f}"
+        lines.append(f"{r['head']:<12} {100 * r['test_accuracy']:>8.2f}% {gap:>9} {r['prototype_count']:>11} "
+                     f"{local:>11} {r['fit_seconds']:>7.1f}")
+    return "\n".join(lines)

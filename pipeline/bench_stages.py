@@ -1,0 +1,335 @@
+"""Side-by-side timings of the cache stages; every figure is a ratio measured in one run.
+
+Kept apart from the head benchmarks so each can run alone; `pipeline.bench` prints them together.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class Ratio:
+    """One benchmark figure: a measured ratio, its target and whether the target is met."""
+
+    name: str
+    value: float
+    target: str
+    met: bool | None
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "target": self.target, "met": self.met, **self.detail}
+
+
+def _best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_extraction(num_images: int = 128, batch_size: int = 32, backbone_name: str | None = None,
+                     repeats: int = 1) -> Ratio:
+    """Extraction wall time over bare forward time on the same images, pre-decoded, same batches."""
+    from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
+    from .datasets import create_dataset
+    from .extract import ExtractConfig, extract_shards, prepare_store
+
+    name = backbone_name or DEFAULT_BACKBONE
+    backbone = Backbone(BackboneConfig(name, weights="auto" if name == DEFAULT_BACKBONE else "random"))
+    dataset = create_dataset("digits").limit(num_images)
+    transform = backbone.transform()
+    images = torch.stack([transform(dataset.load_image(i).convert("RGB")) for i in range(len(dataset))])
+
+    def bare():
+        for b in range(0, num_images, batch_size):
+            tokens, pooled, logits = backbone.forward(images[b:b + batch_size])
+            tokens.half().numpy()
+
+    bare()  # warm-up: first-call allocations and kernel selection
+    bare_s = _best_of(bare, repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        def end_to_end():
+            cfg = ExtractConfig(dataset="digits", backbone=name, limit=num_images, batch_size=batch_size,
+                                shard_size=num_images // 8 * 8 or 8, out=str(Path(tmp) / "s.zarr"), progress=False,
+                                overwrite=True, weights=backbone.config.weights)
+            store, ds, bb = prepare_store(cfg, dataset=dataset, backbone=backbone)
+            t0 = time.perf_counter()
+            extract_shards(store, ds, bb, store.missing_shards(), cfg)
+            return time.perf_counter() - t0
+
+        e2e_s = min(end_to_end() for _ in range(repeats))
+    gpu = backbone.device.type == "cuda"
+    limit = 1.05 if gpu else 1.15
+    ratio = e2e_s / bare_s
+    return Ratio("extraction / bare forward (time)", ratio, f"<= {limit}", ratio <= limit,
+                 {"images": num_images, "backbone": name, "bare_images_per_s": num_images / bare_s,
+                  "extract_images_per_s": num_images / e2e_s, "device": str(backbone.device)})
+
+
+def _synthetic_store(path: Path, num_images: int, tokens: int, dim: int, shard_size: int):
+    from protocache.stores import FeatureStore, StoreLayout
+
+    layout = StoreLayout(num_images=num_images, grid=(tokens, 1), dim=dim, shard_size=shard_size, chunk_size=8)
+    rng = np.random.default_rng(0)
+    store = FeatureStore.create_or_open(path, layout, {"bench": True}, {"num_classes": 10})
+    data = rng.standard_normal((num_images, tokens, dim)).astype(np.float16)
+    rows = [{"row": i, "image_id": str(i), "path": "", "label": i % 10, "class_name": str(i % 10),
+             "split": "train", "width": 1, "height": 1} for i in range(num_images)]
+    return store, data, rows
+
+
+def bench_store_io(num_images: int = 2048, tokens: int = 49, dim: int = 1280, shard_size: int = 256,
+                   batch_size: int = 256, repeats: int = 3) -> list[Ratio]:
+    """Shard write time over numpy.save of the same bytes; epoch read throughput over RAM."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store, data, rows = _synthetic_store(Path(tmp) / "s.zarr", num_images, tokens, dim, shard_size)
+        shard = data[:shard_size]
+
+        def write_store():
+            store.write_shard(0, {"clean": {"tokens": shard, "pooled": shard[:, 0]}}, rows[:shard_size])
+
+        def write_npy():
+            np.save(Path(tmp) / "shard.npy", shard)
+            np.save(Path(tmp) / "pooled.npy", shard[:, 0])
+
+        write_store()
+        write_npy()
+        store_w, npy_w = _best_of(write_store, repeats), _best_of(write_npy, repeats)
+        for s in range(1, store.layout.num_shards):
+            start, stop = store.layout.shard_bounds(s)
+            store.write_shard(s, {"clean": {"tokens": data[start:stop], "pooled": data[start:stop, 0]}},
+                              rows[start:stop])
+        labels = np.arange(num_images) % 10
+
+        def epoch_store():
+            for batch in store.iter_batches("train", batch_size, fields=("tokens", "label"), shuffle=True, seed=0):
+                batch["tokens"].astype(np.float32)
+
+        def epoch_ram():  # the same shuffled epoch from arrays already in memory
+            order = np.random.default_rng(0).permutation(num_images)
+            for b in range(0, num_images, batch_size):
+                idx = order[b:b + batch_size]
+                data[idx].astype(np.float32), labels[idx]
+
+        epoch_store(), epoch_ram()
+        store_r, ram_r = _best_of(epoch_store, repeats), _best_of(epoch_ram, repeats)
+    mb = shard.nbytes / 2**20
+    write = Ratio("store shard write / numpy.save (time)", store_w / npy_w, "report", None,
+                  {"shard_mb": mb, "store_mb_per_s": mb / store_w, "numpy_mb_per_s": mb / npy_w})
+    read_ratio = ram_r / store_r
+    read = Ratio("store epoch read / RAM epoch (throughput)", read_ratio, ">= 0.8", read_ratio >= 0.8,
+                 {"epoch_mb": data.nbytes / 2**20, "store_mb_per_s": data.nbytes / 2**20 / store_r,
+                  "ram_mb_per_s": data.nbytes / 2**20 / ram_r})
+    return [write, read]
+
+
+def bench_kmeans(num_points: int = 20_000, dim: int = 256, num_codes: int = 64, iters: int = 10,
+                 repeats: int = 1) -> Ratio:
+    """FAISS k-means over scikit-learn's KMeans: same sample, k, iteration count (one init each)."""
+    from .codebook import faiss_available
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((num_codes, dim)).astype(np.float32)
+    points = (centers[rng.integers(0, num_codes, num_points)]
+              + 0.5 * rng.standard_normal((num_points, dim))).astype(np.float32)
+    if not faiss_available():
+        return Ratio("k-means: scikit-learn time / FAISS time", float("nan"), ">= 5", None,
+                     {"note": "faiss is not installed"})
+    import faiss
+    from sklearn.cluster import KMeans
+
+    def run_faiss():
+        # The same work as codebook.kmeans: one init, `iters` Lloyd iterations over every point.
+        km = faiss.Kmeans(dim, num_codes, niter=iters, seed=0, max_points_per_centroid=num_points)
+        km.train(points)
+
+    def run_sklearn():  # tol=0: exactly `iters` iterations, as FAISS does
+        KMeans(n_clusters=num_codes, n_init=1, max_iter=iters, tol=0, random_state=0).fit(points)
+
+    faiss_s, sk_s = _best_of(run_faiss, repeats), _best_of(run_sklearn, repeats)
+    ratio = sk_s / faiss_s
+    return Ratio("k-means: scikit-learn time / FAISS time", ratio, ">= 5", ratio >= 5,
+                 {"points": num_points, "dim": dim, "k": num_codes, "iters": iters,
+                  "faiss_s": faiss_s, "sklearn_s": sk_s, "gpu": faiss.get_num_gpus() > 0})
+
+
+def _digits_store(tmp: Path, num_images: int, backbone: str | None = None) -> Path:
+    from .backbones import DEFAULT_BACKBONE
+    from .extract import ExtractConfig, run_extract
+
+    out = tmp / "digits.zarr"
+    run_extract(ExtractConfig(dataset="digits", backbone=backbone or DEFAULT_BACKBONE, limit=num_images,
+                              out=str(out), progress=False, shard_size=max(8, num_images // 4 // 8 * 8)))
+    return out
+
+
+def bench_cache_vs_backbone(num_images: int = 128, batch_size: int = 32, head: str = "infodisent") -> Ratio:
+    """One training epoch of a head on cached tokens over the same epoch with the backbone in the loop."""
+    import torch.nn.functional as F
+
+    from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
+    from .datasets import create_dataset
+    from .heads import create_head, store_info
+    from protocache.stores import FeatureStore
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FeatureStore.open(_digits_store(Path(tmp), num_images))
+        backbone = Backbone(BackboneConfig(DEFAULT_BACKBONE))
+        dataset = create_dataset("digits").limit(num_images)
+        transform = backbone.transform()
+        images = torch.stack([transform(dataset.load_image(i).convert("RGB")) for i in range(num_images)])
+        labels = torch.as_tensor([r["label"] for r in dataset.records])
+        torch.manual_seed(0)
+        model = create_head(head, store_info(store))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(tokens, y):
+            loss = F.cross_entropy(model(tokens), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+        def cache_epoch():
+            for b in store.iter_batches(None, batch_size, fields=("tokens", "label"), shuffle=True, seed=0):
+                step(torch.from_numpy(b["tokens"]).float(), torch.from_numpy(b["label"]))
+
+        def backbone_epoch():
+            order = np.random.default_rng(0).permutation(num_images)
+            for i in range(0, num_images, batch_size):
+                idx = torch.from_numpy(order[i:i + batch_size])
+                tokens, _, _ = backbone.forward(images[idx])
+                step(tokens.half().float(), labels[idx])
+
+        cache_epoch()
+        cache_s = _best_of(cache_epoch, 3)
+        backbone_s = _best_of(backbone_epoch, 1)
+    ratio = backbone_s / cache_s
+    return Ratio(f"{head} epoch: backbone in the loop / on the cache (time)", ratio, ">= 50", ratio >= 50,
+                 {"images": num_images, "cache_epoch_s": cache_s, "backbone_epoch_s": backbone_s})
+
+
+def _random_store(path: Path, num_images: int, tokens: int = 49, dim: int = 256, shard_size: int = 256,
+                  num_classes: int = 10) -> Path:
+    """A complete store of random tokens whose class shifts a few channels (learnable, cheap to build)."""
+    from protocache.stores import FeatureStore, StoreLayout
+
+    layout = StoreLayout(num_images=num_images, grid=(7, tokens // 7), dim=dim, shard_size=shard_size, chunk_size=8)
+    store = FeatureStore.create_or_open(path, layout, {"bench": "random", "n": num_images},
+                                        {"num_classes": num_classes, "class_names": [str(c) for c in range(num_classes)],
+                                         "pooled": "mean", "input_size": [3, 224, 224], "part_names": []})
+    rng = np.random.default_rng(0)
+    for s in range(layout.num_shards):
+        start, stop = layout.shard_bounds(s)
+        labels = np.arange(start, stop) % num_classes
+        x = rng.standard_normal((stop - start, layout.num_tokens, dim)).astype(np.float32)
+        x[np.arange(stop - start), :, labels] += 2.0
+        rows = [{"row": i, "image_id": str(i), "path": "", "label": int(i % num_classes),
+                 "class_name": str(i % num_classes), "split": "test" if i % 5 == 0 else "train",
+                 "width": 1, "height": 1} for i in range(start, stop)]
+        store.write_shard(s, {"clean": {"tokens": x, "pooled": x.mean(1)}}, rows)
+    return path
+
+
+def bench_fit_memory(base_images: int = 1024, head: str = "infodisent", epochs: int = 1) -> Ratio:
+    """Peak RSS of `protocache fit-head` on a store 4x the size over the 1x store (flat = 1)."""
+    import resource
+    import subprocess
+    import sys
+
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for factor in (1, 4):
+            store = _random_store(Path(tmp) / f"s{factor}.zarr", base_images * factor)
+            code = ("import resource, sys; from protocache.pipeline.fit import fit_head, FitConfig; "
+                    f"fit_head({head!r}, {str(store)!r}, {str(Path(tmp) / f'run{factor}')!r}, "
+                    f"{{'epochs': {epochs}}}, FitConfig(progress=False, shards_in_memory=1)); "
+                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            peaks[factor] = int(out.stdout.strip().splitlines()[-1]) / 1024  # MiB
+    ratio = peaks[4] / peaks[1]
+    return Ratio(f"fit-head {head} peak RSS: 4x store / 1x store", ratio, "<= 1.1 (flat)", ratio <= 1.1,
+                 {"peak_mib_1x": peaks[1], "peak_mib_4x": peaks[4], "images_1x": base_images})
+
+
+def bench_ablation(num_heads: int = 8, num_images: int = 2048, head: str = "infodisent", epochs: int = 1) -> Ratio:
+    """N heads trained in one read pass over the same N heads trained one after another."""
+    from .ablate import AblatePoint, run_group
+    from .fit import FitConfig, fit_head
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = str(_random_store(Path(tmp) / "s.zarr", num_images))
+        points = [AblatePoint(head, {"epochs": epochs, "gumbel_tau": 0.3 + 0.05 * i}, 0) for i in range(num_heads)]
+        options = {"shards_in_memory": 1}
+        t0 = time.perf_counter()
+        for p in points:
+            fit_head(p.head, store, Path(tmp) / "alone" / p.name, p.config, FitConfig(progress=False, **options))
+        alone_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = run_group(store, points, str(Path(tmp) / "group"), options)
+        group_s = time.perf_counter() - t0
+    speedup = alone_s / group_s
+    target = 0.6 * num_heads
+    return Ratio(f"ablation: {num_heads} separate fits / one read pass (time)", speedup, f">= {target:.1f}",
+                 speedup >= target, {"separate_s": alone_s, "one_pass_s": group_s,
+                                     "batches_read_in_group": rows[0]["group_reads"]})
+
+
+def run_all(quick: bool = False) -> dict[str, Any]:
+    """Every stage ratio, measured side by side on this machine. quick: smaller inputs (< 10 min on 2 CPU cores)."""
+    started = time.perf_counter()
+    ratios: list[Ratio] = []
+    steps = [
+        ("extraction", lambda: [bench_extraction(num_images=64 if quick else 256)]),
+        ("store", lambda: bench_store_io(num_images=1024 if quick else 4096)),
+        ("kmeans", lambda: [bench_kmeans(num_points=10_000 if quick else 50_000)]),
+        ("cache", lambda: [bench_cache_vs_backbone(num_images=64 if quick else 256)]),
+        ("ablation", lambda: [bench_ablation(num_heads=8, num_images=1024 if quick else 4096)]),
+        ("memory", lambda: [bench_fit_memory(base_images=512 if quick else 2048)]),
+    ]
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        for r in fn():
+            r.detail["bench_seconds"] = time.perf_counter() - t0
+            ratios.append(r)
+    return {"machine": machine_info(), "quick": quick, "seconds": time.perf_counter() - started,
+            "ratios": [r.as_dict() for r in ratios]}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+             f"GPU {m['gpu'] or 'none'}, torch {m['torch']}",
+             f"{'figure':<58} {'ratio':>8} {'target':>14}  status"]
+    lines.append("-" * len(lines[-1]))
+    for r in report["ratios"]:
+        status = {True: "met", False: "NOT MET", None: "(reported)"}[r["met"]]
+        lines.append(f"{r['name']:<58} {r['value']:>8.2f} {r['target']:>14}  {status}")
+    lines.append(f"({'quick' if report['quick'] else 'full'} run, {report['seconds']:.0f}s)")
+    return "\n".join(lines)

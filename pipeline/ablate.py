@@ -191,9 +191,10 @@ class SharedStore:
     delegated to the real store.
     """
 
-    def __init__(self, store: FeatureStore, baton: _Baton):
+    def __init__(self, store: FeatureStore, baton: _Baton, buffer_mb: float = 1024):
         self._store, self._baton = store, baton
         self._streams: dict[tuple, dict[str, Any]] = {}
+        self._buffer_bytes = buffer_mb * 2**20
         self.reads = 0  # batches read from the real store (for tests and the benchmark)
         self.served = 0  # batches handed to heads
 
@@ -204,28 +205,32 @@ class SharedStore:
         key = (args, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())))
         member = self._baton.local.member
         stream = self._streams.get(key)
-        if stream is None or member in stream["cursor"] or stream["dropped"] > 0:
-            # A new stream (or one this head already went through, or whose start is gone): read anew.
+        if stream is None or member not in stream["waiting"]:
+            # A new stream, or one this head already went through (or gave up on): read anew.
+            # Every live head of the group is expected to ask for the same stream.
             stream = {"source": self._store.iter_batches(*args, **kwargs), "buffer": [], "dropped": 0,
-                      "cursor": {}, "done": False}
+                      "cursor": {}, "waiting": set(self._baton.alive) - {member}, "done": False, "bytes": 0}
             self._streams[key] = stream
-        stream["cursor"][member] = 0
+        else:
+            stream["waiting"].discard(member)
+        stream["cursor"][member] = stream["dropped"] if stream["dropped"] else 0
         return self._consume(stream, member)
 
     def _consume(self, stream: dict[str, Any], member: int) -> Iterator[dict[str, Any]]:
         try:
             while True:
                 i = stream["cursor"][member]
-                local = i - stream["dropped"]
-                if local >= len(stream["buffer"]):
+                if i - stream["dropped"] >= len(stream["buffer"]):
                     if stream["done"]:
                         return
                     try:
-                        stream["buffer"].append(next(stream["source"]))
-                        self.reads += 1
+                        batch = next(stream["source"])
                     except StopIteration:
                         stream["done"] = True
                         return
+                    stream["buffer"].append(batch)
+                    stream["bytes"] += sum(getattr(v, "nbytes", 0) for v in batch.values())
+                    self.reads += 1
                 batch = stream["buffer"][i - stream["dropped"]]
                 stream["cursor"][member] = i + 1
                 self._trim(stream)
@@ -236,14 +241,15 @@ class SharedStore:
             stream["cursor"].pop(member, None)
             self._trim(stream)
 
-    @staticmethod
-    def _trim(stream: dict[str, Any]) -> None:
-        """Drop batches every current reader of the stream has passed."""
-        if not stream["cursor"]:
-            return
-        low = min(stream["cursor"].values())
+    def _trim(self, stream: dict[str, Any]) -> None:
+        """Drop batches that every head reading or expected to read the stream has passed."""
+        stream["waiting"] &= set(self._baton.alive)
+        if stream["bytes"] > self._buffer_bytes:
+            stream["waiting"].clear()  # heads that never came read the stream themselves later
+        low = 0 if stream["waiting"] else min(stream["cursor"].values(), default=stream["dropped"] + len(stream["buffer"]))
         while stream["dropped"] < low and stream["buffer"]:
-            stream["buffer"].pop(0)
+            old = stream["buffer"].pop(0)
+            stream["bytes"] -= sum(getattr(v, "nbytes", 0) for v in old.values())
             stream["dropped"] += 1
 
 

@@ -844,10 +844,23 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise ProtocacheError(f"--set expects key=value, got {item!r}")
         try:
-            out[key] = yaml.safe_load(value) if value.strip() else None
+            parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as exc:
             raise ProtocacheError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        out[key] = _yaml_float(parsed)
     return out
+
+
+def _yaml_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(ch.isdigit() for ch in value) and value.strip().lower() not in ("nan", "inf") else value
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [_yaml_float(v) for v in value]
+    return value
 
 
 def read_config_file(path: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -865,6 +878,7 @@ def read_config_file(path: str | Path | None) -> tuple[dict[str, Any], dict[str,
         raise ProtocacheError(f"config file {p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocacheError(f"config file {p} must hold a mapping of config keys")
+    data = {k: _yaml_float(v) for k, v in data.items()}
     fit = data.pop("fit", None) or {}
     if not isinstance(fit, dict):
         raise ProtocacheError(f"config file {p}: `fit:` must be a mapping")

@@ -93,7 +93,10 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping
     clean = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(clean, str(tmp), metadata=dict(metadata or {}))
+    # One metadata entry: safetensors keeps metadata in a hash map whose key order varies
+    # between processes, so several keys would make the file header differ run to run.
+    header = {"protocache": json.dumps(dict(metadata or {}), sort_keys=True)} if metadata else None
+    save_file(clean, str(tmp), metadata=header)
     tmp.replace(path)
 
 

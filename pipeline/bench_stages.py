@@ -190,7 +190,7 @@ def _digits_store(tmp: Path, num_images: int, backbone: str | None = None) -> Pa
     return out
 
 
-def bench_cache_vs_backbone(num_images: int = 128, batch_size: int = 32, head: str = "infodisent") -> Ratio:
+def bench_cache_vs_backbone(num_images: int = 128, batch_size: int = 32, head: str = "protoquant") -> Ratio:
     """One training epoch of a head on cached tokens over the same epoch with the backbone in the loop."""
     import torch.nn.functional as F
 
@@ -310,8 +310,8 @@ def run_all(quick: bool = False) -> dict[str, Any]:
         ("store", lambda: bench_store_io(num_images=1024 if quick else 4096)),
         ("kmeans", lambda: [bench_kmeans(num_points=10_000 if quick else 50_000)]),
         ("cache", lambda: [bench_cache_vs_backbone(num_images=64 if quick else 256)]),
-        ("ablation", lambda: [bench_ablation(num_heads=8, num_images=1024 if quick else 4096)]),
-        ("memory", lambda: [bench_fit_memory(base_images=512 if quick else 2048)]),
+        ("ablation", lambda: [bench_ablation(num_heads=8, num_images=512 if quick else 4096)]),
+        ("memory", lambda: [bench_fit_memory(base_images=384 if quick else 2048)]),
     ]
     for name, fn in steps:
         t0 = time.perf_counter()

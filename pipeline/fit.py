@@ -21,7 +21,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -34,8 +34,8 @@ from protocache.stores import runs as run_files
 from protocache.stores.errors import MissingShardError, ProtocacheError
 
 from . import codebook as cb
-from .heads import (Head, InfoDisent, LinearConfig, LinearProbe, ProtoPool, ProtoQuant, StoreInfo, create_head,
-                    head_class, list_heads, resolve_config, store_info)
+from .heads import (Head, InfoDisent, LinearProbe, ProtoPool, ProtoQuant, StoreInfo, create_head, head_class,
+                    list_heads, resolve_config, store_info)
 
 RUN_FORMAT = 1
 

@@ -193,3 +193,44 @@ def test_bench_rows_and_table(store_path):
     assert info["prototype_count"] == 256 and info["fit_seconds"] > 0
     text = format_table(rows)
     assert text.splitlines()[0].split()[:2] == ["head", "test"]
+
+
+def _store_with_matching_logits(path: Path, n: int = 96, classes: int = 4, dim: int = 16) -> tuple[Path, np.ndarray]:
+    """A store whose cached logits are an exact affine map of pooled (= mean token), C0 = C."""
+    from protocache.stores import StoreLayout
+
+    layout = StoreLayout(num_images=n, grid=(2, 3), dim=dim, num_logits=classes, shard_size=32, chunk_size=8)
+    store = FeatureStore.create_or_open(path, layout, {"test": "matching-logits"},
+                                        {"num_classes": classes, "class_names": [str(c) for c in range(classes)],
+                                         "pooled": "mean"})
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(classes, dim)).astype(np.float32)
+    for s in range(layout.num_shards):
+        start, stop = layout.shard_bounds(s)
+        tokens = rng.random((stop - start, 6, dim)).astype(np.float16)
+        pooled = tokens.astype(np.float32).mean(1)
+        logits = pooled @ weight.T + 0.5
+        labels = logits.argmax(1)
+        rows = [{"row": i, "image_id": f"img{i}", "path": "", "label": int(labels[i - start]),
+                 "class_name": str(labels[i - start]), "split": "test" if i % 4 == 0 else "train",
+                 "width": 1, "height": 1} for i in range(start, stop)]
+        store.write_shard(s, {"clean": {"tokens": tokens, "pooled": pooled, "logits": logits}}, rows)
+    return path, weight
+
+
+def test_protoquant_teacher_is_the_backbone_classifier_when_classes_match(tmp_path, store_path):
+    path, weight = _store_with_matching_logits(tmp_path / "m.zarr")
+    cfg = {**QUICK["protoquant"], "codebook_size": 12, "prune_to": 0, "kmeans_sample": 400}
+    result = F.fit_head("protoquant", path, tmp_path / "run", {**cfg, "teacher": "backbone"},
+                        F.FitConfig(progress=False))
+    teacher = result.metrics["teacher"]
+    assert teacher["kind"] == "backbone" and teacher["relative_residual"] < 1e-2
+    auto = F.fit_head("protoquant", path, tmp_path / "auto", cfg, F.FitConfig(progress=False))
+    assert auto.metrics["teacher"]["kind"] == "backbone"
+    # digits logits are 1000 ImageNet classes: the backbone cannot teach 10 digit classes
+    with pytest.raises(ProtocacheError, match="1000 logits for 10 classes; use teacher=probe"):
+        F.fit_head("protoquant", store_path, tmp_path / "digits", {**QUICK["protoquant"], "teacher": "backbone"},
+                   F.FitConfig(progress=False))
+    label_free = F.fit_head("protoquant", store_path, tmp_path / "free", {**QUICK["protoquant"], "task_weight": 0},
+                            F.FitConfig(progress=False))
+    assert "teacher" not in label_free.metrics  # online spherical k-means: no labels in stage 1

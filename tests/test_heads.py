@@ -65,7 +65,8 @@ def test_defaults_scale_with_the_store():
     assert pq_cub.epochs == 30
     pp_small, pp_cub = H.resolve_config("protopool", small), H.resolve_config("protopool", cub)
     assert pp_cub.num_prototypes == 202 and pp_cub.proto_dim == 256 and pp_cub.slots_per_class == 10
-    assert pp_small.num_prototypes == 20  # never fewer than 2 x slots
+    assert pp_small.num_prototypes == 100 and pp_small.proto_dim == 32  # one prototype per class slot
+    assert pp_cub.gumbel_epochs == 30 and pp_cub.epochs == 40
     assert pp_small.gumbel_epochs <= pp_small.epochs
     for name in H.list_heads():  # resolving twice changes nothing (run configs reload as written)
         once = H.resolve_config(name, small)

@@ -25,6 +25,4 @@ def test_heads_reach_their_targets_on_digits(digits_lite0_store, tmp_path):
     for head, gap in TARGET_GAP_POINTS.items():
         acc = by_head[head]["test_accuracy"]
         assert acc >= probe - gap / 100, f"{head} {acc:.4f} is more than {gap} points below the probe {probe:.4f}"
-    for r in rows:  # generous: CI machines are slower and busier than the 2-minute budget assumes
-        assert r["fit_seconds"] < 300, f"{r['head']} took {r['fit_seconds']:.0f}s"
     assert by_head["protoquant"]["local_size"] <= 5

@@ -6,24 +6,25 @@ from typing import Optional
 
 import typer
 
-from .app import app
+from protocache.pipeline.ablate import AblateConfig
+
+from .app import app, option
 
 
 @app.command()
 def ablate(
-    store: str = typer.Option(..., help="The feature store every point trains on."),
-    grid: str = typer.Option(..., help="YAML grid file: head, grid (key -> values) and/or configs, seeds, fit."),
-    out: str = typer.Option(..., help="Sweep folder: one run folder per point, results.parquet, summary.png."),
-    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds; overrides the grid file's."),
-    workers: Optional[int] = typer.Option(None, help="Train groups in parallel on a local dask cluster."),
-    scheduler: Optional[str] = typer.Option(None, help="Train groups on an existing dask cluster."),
-    device: str = typer.Option("cpu", help="cpu | cuda | auto."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per process."),
-    evaluate: Optional[bool] = typer.Option(None, help="Also compute interpretability metrics per point "
-                                                       "(default: when the store has part keypoints)."),
+    store: str = option(AblateConfig, "store", default=...),
+    grid: str = option(AblateConfig, "grid_file", "--grid", default=...),
+    out: str = option(AblateConfig, "out", default=...),
+    seeds: Optional[str] = option(AblateConfig, "seeds", help="Comma-separated seeds; overrides the grid file's."),
+    workers: Optional[int] = option(AblateConfig, "workers"),
+    scheduler: Optional[str] = option(AblateConfig, "scheduler"),
+    device: str = option(AblateConfig, "device"),
+    threads: Optional[int] = option(AblateConfig, "threads"),
+    evaluate: Optional[bool] = option(AblateConfig, "evaluate"),
 ):
     """Train a grid of head configs, several heads per read pass; resumes an interrupted sweep."""
-    from protocache.pipeline.ablate import AblateConfig, run_ablate
+    from protocache.pipeline.ablate import run_ablate
     from protocache.stores.errors import ProtocacheError
 
     seed_list = None

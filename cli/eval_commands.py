@@ -6,22 +6,22 @@ from typing import Optional
 
 import typer
 
-from .app import app, echo_json
+from protocache.pipeline.evaluate import EvaluateConfig, evaluate_run
+
+from .app import app, echo_json, option
 
 
 @app.command()
 def evaluate(
     run: str = typer.Argument(..., help="A run folder written by `protocache fit-head`."),
-    split: str = typer.Option("test", help="Split to evaluate."),
+    split: str = option(EvaluateConfig, "split"),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    compare: Optional[str] = typer.Option(None, help="A second run (other seed) for cross-run prototype drift."),
-    drift_split: str = typer.Option("train", help="Split whose top patches define prototype drift."),
-    batch_size: int = typer.Option(128, help="Images per batch."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    compare: Optional[str] = option(EvaluateConfig, "compare_run", "--compare"),
+    drift_split: str = option(EvaluateConfig, "drift_split"),
+    batch_size: int = option(EvaluateConfig, "batch_size"),
+    device: str = option(EvaluateConfig, "device"),
 ):
     """Accuracy (top-1/top-5, per class, confusion matrix) and interpretability metrics of a run."""
-    from protocache.pipeline.evaluate import EvaluateConfig, evaluate_run
-
     results = evaluate_run(run, EvaluateConfig(split=split, batch_size=batch_size, device=device,
                                                drift_split=drift_split, compare_run=compare))
     if as_json:

@@ -6,7 +6,10 @@ from typing import List, Optional
 
 import typer
 
-from .app import app, echo_json
+from protocache.pipeline.bench import BenchConfig
+from protocache.pipeline.fit import FitConfig
+
+from .app import app, echo_json, option
 
 
 @app.command("fit-head")
@@ -16,17 +19,19 @@ def fit_head_cmd(
     out: str = typer.Option(..., "--out", help="Run folder to write (weights, config, metrics, log)."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file: head config keys; fit options under `fit:`."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Head config key=value (a YAML scalar); repeatable."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of everything random (default 0)."),
-    epochs: Optional[int] = typer.Option(None, help="Override the head's epochs."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads; pin for byte-identical CPU re-runs."),
-    progress: bool = typer.Option(True, help="Show progress bars and log lines on stderr."),
+    # unset unless given, so a config file's `fit:` values win over the dataclass defaults
+    device: Optional[str] = option(FitConfig, "device", default=None),
+    seed: Optional[int] = option(FitConfig, "seed", default=None),
+    epochs: Optional[int] = option(FitConfig, "epochs"),
+    threads: Optional[int] = option(FitConfig, "threads"),
+    progress: bool = option(FitConfig, "progress"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Train one head on a store and write RUN/ (refuses a run fitted on another store)."""
-    from protocache.pipeline.fit import FitConfig, fit_head, parse_overrides, read_config_file
+    from protocache.pipeline.config import parse_overrides, read_config_file
+    from protocache.pipeline.fit import fit_head
 
-    head_cfg, fit_opts = read_config_file(config)
+    head_cfg, fit_opts = read_config_file(config, FitConfig)
     head_cfg.update(parse_overrides(set_))
     given = {"device": device, "seed": seed, "epochs": epochs, "threads": threads}
     fit_opts.update({k: v for k, v in given.items() if v is not None})
@@ -43,14 +48,12 @@ def fit_head_cmd(
 
 @app.command("heads")
 def heads_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON with each head's config keys.")):
-    """List the registered heads."""
-    import dataclasses
-
+    """List the registered heads (with --json: every config key's default, type and help)."""
+    from protocache.pipeline.config import describe_fields
     from protocache.pipeline.heads import head_class, list_heads
 
     if as_json:
-        echo_json({n: {f.name: (None if f.default is dataclasses.MISSING else f.default)
-                       for f in dataclasses.fields(head_class(n).config_class)} for n in list_heads()})
+        echo_json({n: describe_fields(head_class(n).config_class) for n in list_heads()})
         return
     for name in list_heads():
         doc = (head_class(name).config_class.__doc__ or "").strip().splitlines()[0]
@@ -60,17 +63,17 @@ def heads_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON wit
 @app.command("bench-heads")
 def bench_heads_cmd(
     store: str = typer.Option(..., "--store", help="Path of a complete feature store."),
-    seed: int = typer.Option(0, help="Seed of every fit."),
-    heads: Optional[str] = typer.Option(None, help="Comma-separated heads (default: all registered)."),
-    out: Optional[str] = typer.Option(None, help="Keep the runs under OUT/<head> (default: temporary)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    epochs: Optional[int] = typer.Option(None, help="Override every head's epochs (quick runs)."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads."),
-    progress: bool = typer.Option(False, help="Show progress bars and log lines on stderr."),
+    seed: int = option(BenchConfig, "seed"),
+    heads: Optional[str] = option(BenchConfig, "heads", help="Comma-separated heads (default: all registered)."),
+    out: Optional[str] = option(BenchConfig, "out"),
+    device: str = option(BenchConfig, "device"),
+    epochs: Optional[int] = option(BenchConfig, "epochs"),
+    threads: Optional[int] = option(BenchConfig, "threads"),
+    progress: bool = option(BenchConfig, "progress"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of the table."),
 ):
     """Fit every head with its defaults on a store: test accuracy, gap to the probe, prototypes, seconds."""
-    from protocache.pipeline.bench import BenchConfig, bench_heads, format_table
+    from protocache.pipeline.bench import bench_heads, format_table
 
     names = tuple(h.strip() for h in heads.split(",") if h.strip()) if heads else None
     rows = bench_heads(BenchConfig(store=store, seed=seed, heads=names, out=out, device=device, epochs=epochs,

@@ -6,38 +6,39 @@ from typing import Optional
 
 import typer
 
-from .app import app, echo_json, human_bytes
+from protocache.pipeline.config import field_default
+from protocache.pipeline.extract import (ExtractConfig, parse_dataset_options, parse_views, run_extract,
+                                         run_extract_distributed)
+
+from .app import app, echo_json, human_bytes, option
 
 
 @app.command()
 def extract(
-    dataset: str = typer.Option("digits", help="Dataset name (see `protocache datasets`)."),
-    root: Optional[str] = typer.Option(None, help="Dataset folder, for datasets read from disk."),
-    backbone: str = typer.Option("tf_efficientnet_lite0", help="timm model name."),
-    weights: str = typer.Option("auto", help="auto | shipped | hub | random | PATH to a checkpoint."),
-    out: Optional[str] = typer.Option(None, help="Store path (default cache/<dataset>_<backbone>.zarr)."),
-    batch_size: int = typer.Option(64, help="Images per forward pass."),
-    shard_size: Optional[int] = typer.Option(None, help="Images per shard (default: ~150 MB of tokens)."),
-    chunk_size: int = typer.Option(8, help="Images per inner Zarr chunk."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 where the hardware is fast at it) | fp32 | bf16."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
-    views: str = typer.Option("clean", help="Comma-separated views to cache: clean,hflip,noise."),
-    noise_sigma: float = typer.Option(0.2, help="Std of the noise view in normalised image space."),
-    on_bad_image: str = typer.Option("error", help="error (stop with the path) | skip (record ok=false)."),
-    num_workers: Optional[int] = typer.Option(None, help="Decode worker processes."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads; pin for byte-identical re-runs."),
-    compressor: Optional[str] = typer.Option(None, help="none | zstd[:level] for the arrays."),
-    overwrite: bool = typer.Option(False, help="Delete an existing store at --out first."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-    dataset_option: list[str] = typer.Option([], "--dataset-option",
-                                             help="KEY=VALUE passed to the dataset (repeatable), e.g. crop=false."),
+    dataset: str = option(ExtractConfig, "dataset"),
+    root: Optional[str] = option(ExtractConfig, "root"),
+    backbone: str = option(ExtractConfig, "backbone"),
+    weights: str = option(ExtractConfig, "weights"),
+    out: Optional[str] = option(ExtractConfig, "out"),
+    batch_size: int = option(ExtractConfig, "batch_size"),
+    shard_size: Optional[int] = option(ExtractConfig, "shard_size"),
+    chunk_size: int = option(ExtractConfig, "chunk_size"),
+    device: str = option(ExtractConfig, "device"),
+    precision: str = option(ExtractConfig, "precision"),
+    limit: Optional[int] = option(ExtractConfig, "limit"),
+    views: str = option(ExtractConfig, "views", default=",".join(field_default(ExtractConfig, "views"))),
+    noise_sigma: float = option(ExtractConfig, "noise_sigma"),
+    on_bad_image: str = option(ExtractConfig, "on_bad_image"),
+    num_workers: Optional[int] = option(ExtractConfig, "num_workers"),
+    threads: Optional[int] = option(ExtractConfig, "threads"),
+    compressor: Optional[str] = option(ExtractConfig, "compressor"),
+    overwrite: bool = option(ExtractConfig, "overwrite"),
+    progress: bool = option(ExtractConfig, "progress"),
+    dataset_option: list[str] = option(ExtractConfig, "dataset_options", "--dataset-option", default=[]),
     scheduler: Optional[str] = typer.Option(None, help="Run on an existing dask cluster (tcp://HOST:PORT)."),
     workers: Optional[int] = typer.Option(None, help="Run on a local dask cluster of N worker processes."),
 ):
     """Run the frozen backbone over a dataset and write the feature store (resumes a partial one)."""
-    from protocache.pipeline.extract import ExtractConfig, parse_dataset_options, parse_views, run_extract
-
     cfg = ExtractConfig(dataset=dataset, root=root, backbone=backbone, weights=weights, out=out,
                         batch_size=batch_size, shard_size=shard_size, chunk_size=chunk_size, device=device,
                         precision=precision, limit=limit, views=parse_views(views), noise_sigma=noise_sigma,
@@ -45,8 +46,6 @@ def extract(
                         compressor=compressor, overwrite=overwrite, progress=progress,
                         dataset_options=parse_dataset_options(dataset_option))
     if scheduler or workers:
-        from protocache.pipeline.extract import run_extract_distributed
-
         result = run_extract_distributed(cfg, scheduler=scheduler, workers=workers)
     else:
         result = run_extract(cfg)

@@ -16,6 +16,7 @@ interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -33,6 +34,9 @@ import torch
 from protocache.stores import FeatureStore
 from protocache.stores import runs as run_files
 from protocache.stores.errors import ProtocacheError
+
+from .config import build_config, check_keys, read_yaml_mapping
+from .runtime import dask_client
 
 # Config keys that change the batch schedule; points differing only in other keys share a pass.
 SCHEDULE_KEYS = ("epochs", "batch_size")
@@ -52,16 +56,28 @@ class AblatePoint:
 
 @dataclass
 class AblateConfig:
+    """A sweep of head configs on one store."""
+
     store: str
+    """The feature store every point trains on."""
     grid_file: str
+    """YAML grid file: head, grid (key -> values) and/or configs, seeds, fit."""
     out: str
-    seeds: list[int] | None = None  # overrides the file's seeds
+    """Sweep folder: one run folder per point, results.parquet, summary.png."""
+    seeds: list[int] | None = None
+    """Seeds of every config; overrides the grid file's."""
     workers: int | None = None
+    """Train groups in parallel on a local dask cluster of this many worker processes."""
     scheduler: str | None = None
+    """Train groups on an existing dask cluster (tcp://HOST:PORT)."""
     device: str = "cpu"
+    """cpu | cuda | auto."""
     threads: int | None = None
-    evaluate: bool | None = None  # None: when the store has part keypoints
+    """Torch threads per process."""
+    evaluate: bool | None = None
+    """Also compute interpretability metrics per point; None: when the store has part keypoints."""
     fit_options: dict[str, Any] = field(default_factory=dict)
+    """Fit options (FitConfig fields) for every point, over the grid file's `fit:`."""
 
 
 def _fmt(v: Any) -> str:
@@ -71,16 +87,9 @@ def _fmt(v: Any) -> str:
 def read_grid(path: str | Path, seeds: Sequence[int] | None = None) -> tuple[list[AblatePoint], dict[str, Any]]:
     """Points of a grid file: `head`, then `grid` (key -> list of values, cartesian product)
     and/or `configs` (a list of explicit configs), optional `seeds` and `fit` options."""
-    import yaml
-
     p = Path(path).expanduser()
-    if not p.exists():
-        raise ProtocacheError(f"grid file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ProtocacheError(f"grid file {p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict) or "head" not in data:
+    data = read_yaml_mapping(p, "grid file")
+    if "head" not in data:
         raise ProtocacheError(f"grid file {p} needs a `head:` and a `grid:` mapping or a `configs:` list")
     unknown = sorted(set(data) - {"head", "grid", "configs", "seeds", "fit"})
     if unknown:
@@ -101,15 +110,18 @@ def read_grid(path: str | Path, seeds: Sequence[int] | None = None) -> tuple[lis
         configs = [{}]
     seed_list = list(seeds) if seeds else list(data.get("seeds") or [0])
     points = [AblatePoint(head, c, int(s)) for c in configs for s in seed_list]
-    # Validate every config against the head before any training starts.
-    from .heads import config_keys
+    # Validate every config (keys and types) and the fit options before any training starts.
+    from .fit import FitConfig
+    from .heads import head_class
 
-    valid = set(config_keys(head))
+    config_class = head_class(head).config_class
     for point in points:
-        bad = sorted(set(point.config) - valid)
-        if bad:
-            raise ProtocacheError(f"grid file {p}: {head} has no config key(s) {bad}; valid: {', '.join(sorted(valid))}")
-    return points, dict(data.get("fit") or {})
+        build_config(config_class, point.config, f"head {head!r} (grid file {p})")
+    fit = data.get("fit") or {}
+    if not isinstance(fit, dict):
+        raise ProtocacheError(f"grid file {p}: `fit:` must be a mapping of fit options")
+    check_keys(fit, [f.name for f in dataclasses.fields(FitConfig)], f"`fit:` (grid file {p})")
+    return points, dict(fit)
 
 
 def group_points(points: Sequence[AblatePoint]) -> list[list[AblatePoint]]:
@@ -262,6 +274,7 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
     baton = _Baton(len(points))
     shared = SharedStore(store, baton)
     results: list[dict[str, Any] | None] = [None] * len(points)
+    heads: list[Any] = [None] * len(points)
     errors: list[BaseException | None] = [None] * len(points)
 
     def work(member: int) -> None:
@@ -274,6 +287,7 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
                               extra_config={"ablate_point": {"head": point.head, "config": point.config,
                                                              "seed": point.seed}})
             results[member] = {"fit_seconds": time.perf_counter() - started, **result.metrics}
+            heads[member] = result.model
         except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
             errors[member] = exc
         finally:
@@ -288,13 +302,13 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
         if exc is not None:
             raise exc
     rows = []
-    for point, metrics in zip(points, results):
+    for point, metrics, head in zip(points, results, heads):
         row = _result_row(point, Path(out) / point.name, metrics)
         row["group_reads"] = shared.reads  # batches read from the store for the whole group
         row["group_served"] = shared.served  # batches handed to the group's heads
         row["group_size"] = len(points)
-        if evaluate:
-            row.update(_eval_row(Path(out) / point.name))
+        if evaluate:  # the fitted head in hand: no reload from the run folder
+            row.update(_eval_row(Path(out) / point.name, head))
         rows.append(row)
     return rows
 
@@ -307,12 +321,14 @@ def _result_row(point: AblatePoint, run_dir: Path, metrics: dict[str, Any]) -> d
             "fit_seconds": metrics.get("fit_seconds", metrics.get("seconds"))}
 
 
-def _eval_row(run_dir: Path) -> dict[str, Any]:
+EVAL_KEYS = ("consistency", "stability", "purity", "drift")
+
+
+def _eval_row(run_dir: Path, head: Any = None) -> dict[str, Any]:
     from .evaluate import EvaluateConfig, evaluate_run
 
-    res = evaluate_run(run_dir, EvaluateConfig(confusion_png=False))
-    return {k: (res[k].get("value") if isinstance(res[k], dict) else res[k])
-            for k in ("consistency", "stability", "purity", "drift")}
+    res = evaluate_run(run_dir, EvaluateConfig(confusion_png=False), head=head)
+    return {k: (res[k].get("value") if isinstance(res[k], dict) else res[k]) for k in EVAL_KEYS}
 
 
 def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
@@ -336,29 +352,19 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     groups = group_points(todo)
     store_path = str(Path(store.path).resolve()) if store.is_local else store.location
     if groups and (cfg.workers or cfg.scheduler):
-        from dask.distributed import Client, LocalCluster
-
-        cluster = None if cfg.scheduler else LocalCluster(n_workers=cfg.workers, threads_per_worker=1,
-                                                          processes=True, dashboard_address=None)
-        client = Client(cfg.scheduler) if cfg.scheduler else Client(cluster)
-        try:
+        with dask_client(cfg.scheduler, cfg.workers) as client:
             futures = [client.submit(run_group, store_path, g, str(out.resolve()), fit_options, evaluate,
                                      pure=False, retries=1) for g in groups]
-            for f in futures:
-                f.result()
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+            trained = [row for f in futures for row in f.result()]
     else:
-        for g in groups:
-            run_group(store_path, g, str(out), fit_options, evaluate)
+        trained = [row for g in groups for row in run_group(store_path, g, str(out), fit_options, evaluate)]
+    evaluated = {row["run"]: {k: row[k] for k in EVAL_KEYS} for row in trained if evaluate}
     rows = []
     for p in points:  # every point, finished now or before, from its run folder
         config, metrics = run_files.read_run(out / p.name)
         row = _result_row(p, out / p.name, metrics)
-        if evaluate:
-            row.update(_eval_row(out / p.name))
+        if evaluate:  # points trained now were evaluated with their head in hand
+            row.update(evaluated.get(p.name) or _eval_row(out / p.name))
         rows.append(row)
     write_results(rows, out / "results.parquet")
     swept = sorted({k for p in points for k in p.config})

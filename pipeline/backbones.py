@@ -25,6 +25,8 @@ import torch
 
 from protocache.stores.errors import ProtocacheError
 
+from .runtime import resolve_device
+
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
 # timm model name -> (package module, class with get_model_file_path()).
@@ -43,11 +45,18 @@ _LITE_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "con
 
 @dataclass
 class BackboneConfig:
+    """Which frozen timm model to run, with which weights, where and at which precision."""
+
     name: str = DEFAULT_BACKBONE
+    """timm model name."""
     weights: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16
-    channels_last: bool | None = None  # None: on for CNNs
+    """auto | shipped | hub | random | PATH to a checkpoint."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 where the hardware is fast at it) | fp32 | bf16."""
+    channels_last: bool | None = None
+    """Run the model in channels-last memory format; None: on for CNNs."""
 
 
 def remap_efficientnet_lite(state_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -172,14 +181,6 @@ def create_frozen_model(name: str, weights: str = "auto") -> tuple[torch.nn.Modu
         source = f"file:{path.name}"
     model.eval().requires_grad_(False)
     return model, source
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProtocacheError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
-    return torch.device(device)
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -22,13 +22,21 @@ from .heads import list_heads
 @dataclass
 class BenchConfig:
     store: str
+    """Path of a complete feature store."""
     seed: int = 0
-    heads: tuple[str, ...] | None = None  # None: every registered head
-    out: str | None = None  # keep the runs under OUT/<head>; None: a temporary folder, removed after
+    """Seed of every fit."""
+    heads: tuple[str, ...] | None = None
+    """None: every registered head."""
+    out: str | None = None
+    """Keep the runs under OUT/<head>; None: a temporary folder, removed after."""
     device: str = "auto"
-    epochs: int | None = None  # override every head's epochs (quick smoke runs)
+    """auto | cpu | cuda | cuda:N."""
+    epochs: int | None = None
+    """Override every head's epochs (quick smoke runs)."""
     threads: int | None = None
+    """Torch threads."""
     progress: bool = False
+    """Show progress bars and log lines on stderr."""
 
 
 def bench_heads(config: BenchConfig) -> list[dict[str, Any]]:

@@ -36,10 +36,15 @@ class Ratio:
     """One benchmark figure: a measured ratio, its target and whether the target is met."""
 
     name: str
+    """What is compared, e.g. `extraction / bare forward (time)`."""
     value: float
+    """The measured ratio."""
     target: str
+    """The target it is judged against, e.g. `>= 5`, or `report` where there is none."""
     met: bool | None
+    """Whether the target is met; None where it cannot be judged on this machine."""
     detail: dict[str, Any]
+    """The raw timings and sizes behind the ratio."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": self.value, "target": self.target, "met": self.met, **self.detail}

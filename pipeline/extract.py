@@ -28,6 +28,7 @@ from protocache.stores.errors import ProtocacheError
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
 from .datasets import Dataset, create_dataset
 from .geometry import input_space_annotations
+from .runtime import dask_client, pin_threads
 
 VIEWS = ("clean", "hflip", "noise")
 NOISE_SIGMA = 0.2
@@ -36,26 +37,48 @@ NOISE_CLIP = 0.25
 
 @dataclass
 class ExtractConfig:
+    """One extraction: which dataset through which frozen backbone into which feature store, and how."""
+
     dataset: str = "digits"
+    """Dataset name (see `protocache datasets`)."""
     root: str | None = None
+    """Dataset folder, for datasets read from disk."""
     backbone: str = DEFAULT_BACKBONE
+    """timm model name."""
     weights: str = "auto"
-    out: str | None = None  # default: cache/<dataset>_<backbone>.zarr
+    """auto | shipped | hub | random | PATH to a checkpoint."""
+    out: str | None = None
+    """Store path or fsspec URL (default cache/<dataset>_<backbone>.zarr)."""
     batch_size: int = 64
-    shard_size: int | None = None  # default: ~150 MB of tokens per shard
+    """Images per forward pass."""
+    shard_size: int | None = None
+    """Images per shard (default: ~150 MB of tokens)."""
     chunk_size: int = 8
+    """Images per inner Zarr chunk."""
     device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
     precision: str = "auto"
+    """auto (bf16 where the hardware is fast at it) | fp32 | bf16."""
     limit: int | None = None
+    """Only the first N images."""
     views: tuple[str, ...] = ("clean",)
+    """Views to cache: clean,hflip,noise (comma-separated; clean is always cached)."""
     noise_sigma: float = NOISE_SIGMA
-    on_bad_image: str = "error"  # error | skip
-    num_workers: int | None = None  # DataLoader decode workers; default: cores - 1 (at most 4)
-    threads: int | None = None  # torch intra-op threads; pin it for byte-identical re-runs
-    compressor: str | None = None  # none | zstd[:level]
+    """Std of the noise view in normalised image space."""
+    on_bad_image: str = "error"
+    """error (stop with the path) | skip (record ok=false)."""
+    num_workers: int | None = None
+    """Decode worker processes (default: cores - 1, at most 4)."""
+    threads: int | None = None
+    """Torch threads; pin for byte-identical re-runs."""
+    compressor: str | None = None
+    """none | zstd[:level] for the arrays."""
     overwrite: bool = False
+    """Delete an existing store at --out first."""
     progress: bool = True
+    """Show a progress bar."""
     dataset_options: dict[str, Any] = field(default_factory=dict)
+    """KEY=VALUE passed to the dataset (repeatable --dataset-option), e.g. crop=false."""
 
     def out_path(self) -> Path | str:
         """The store location: a local path, or an fsspec URL kept as given (s3://, gs://, ...)."""
@@ -171,7 +194,7 @@ def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backb
                            precision_cosine: float) -> tuple[StoreLayout, dict, dict]:
     import timm
 
-    from protocache.stores.feature_store import FORMAT_VERSION
+    from protocache.stores import FORMAT_VERSION
 
     views = parse_views(cfg.views)
     shard_size = cfg.shard_size or default_shard_size(backbone.grid[0] * backbone.grid[1], backbone.dim,
@@ -235,8 +258,7 @@ def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
     if cfg.on_bad_image not in ("error", "skip"):
         raise ProtocacheError(f"--on-bad-image must be error or skip, not {cfg.on_bad_image!r}")
     parse_views(cfg.views)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    pin_threads(cfg.threads)
     dataset = dataset or create_dataset(cfg.dataset, cfg.root, **cfg.dataset_options).limit(cfg.limit)
     if len(dataset) == 0:
         raise ProtocacheError(f"dataset {cfg.dataset} has no images")
@@ -404,8 +426,7 @@ def extract_shard_task(cfg: ExtractConfig, shard: int) -> dict[str, Any]:
     The worker recomputes the fingerprint from its own dataset and backbone and refuses
     to write into a store made from other inputs.
     """
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    pin_threads(cfg.threads)
     dataset, backbone = _worker_inputs(cfg)
     store = FeatureStore.open(cfg.out_path(), mode="r+")
     backbone.precision = store.fingerprint["precision"]  # the store decides; every worker computes alike
@@ -427,7 +448,7 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
     `scheduler` is the address of a running cluster (tcp://HOST:PORT); otherwise a LocalCluster
     of `workers` single-threaded worker processes is started and closed again.
     """
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -441,17 +462,10 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
     # Workers open the store by path, so it must be one they can all reach.
     task_cfg = replace(cfg, out=str(store.path.resolve()) if store.is_local else store.location, overwrite=False,
                        root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None)
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        client = Client(cluster)
-    t0 = time.perf_counter()
     bad: list[str] = []
     images = 0
-    try:
+    with dask_client(scheduler, workers) as client:
+        t0 = time.perf_counter()
         futures = client.map(extract_shard_task, [task_cfg] * len(todo), todo, retries=retries, pure=False)
         with tqdm(total=len(todo), unit="shard", desc=f"extract {store.name}", disable=not cfg.progress,
                   file=sys.stderr) as bar:
@@ -460,10 +474,6 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
                 images += out["images"]
                 bad.extend(out["bad_images"])
                 bar.update(1)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     seconds = time.perf_counter() - t0
     return ExtractResult(str(store.path), total, len(todo), images, time.perf_counter() - started,
                          images / max(seconds, 1e-9), False, bad)

@@ -1,4 +1,9 @@
-"""Fit stage: train one registered head on a feature store and write a run directory.
+"""Fit stage: the generic machinery every head's training recipe uses, and `fit_head`.
+
+A head's recipe (its ``fit(ctx)`` method, in its own file under pipeline/heads/) asks the
+``FitContext`` for batch sources over the store and runs the shared training loop;
+``fit_head`` builds the head, runs its recipe, measures accuracy and writes the run folder
+through ``stores/runs.py``.
 
 Data comes from the store in batches. A split that spans at most `shards_in_memory`
 shards is read once and kept (that many shards is the memory bound anyway); a larger
@@ -15,10 +20,7 @@ same seed, store, config and thread count give byte-identical weights.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,15 +29,13 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from protocache.stores import FeatureStore
 from protocache.stores import runs as run_files
-from protocache.stores.errors import MissingShardError, ProtocacheError
+from protocache.stores.errors import MissingShardError
 
-from . import codebook as cb
-from .heads import (Head, InfoDisent, LinearProbe, ProtoPool, ProtoQuant, StoreInfo, create_head, head_class,
-                    list_heads, resolve_config, store_info)
+from .heads import Head, StoreInfo, head_class, resolve_config, store_info
+from .runtime import pin_threads, resolve_device, seed_everything
 
 RUN_FORMAT = 1
 
@@ -45,13 +45,21 @@ class FitConfig:
     """How to fit (the head's own hyper-parameters live in its config)."""
 
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    epochs: int | None = None  # shorthand for the head config's `epochs`
-    shards_in_memory: int = 2  # at most this many shards of tokens in RAM
-    feature_cache_mb: int = 1024  # derived per-image features kept in RAM up to this size
-    threads: int | None = None  # torch threads; pin it for byte-identical CPU re-runs
+    """Seed of everything random: init, k-means sample, batch order."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    epochs: int | None = None
+    """Shorthand for the head config's `epochs`."""
+    shards_in_memory: int = 2
+    """At most this many shards of tokens in RAM."""
+    feature_cache_mb: int = 1024
+    """Derived per-image features are kept in RAM up to this size, recomputed beyond it."""
+    threads: int | None = None
+    """Torch threads; pin it for byte-identical CPU re-runs."""
     eval_batch_size: int = 256
+    """Images per batch when measuring accuracy."""
     progress: bool = True
+    """Show progress bars and log lines on stderr."""
 
 
 @dataclass
@@ -60,6 +68,8 @@ class FitResult:
     head: str
     metrics: dict[str, Any]
     config: dict[str, Any]
+    model: Head | None = None
+    """The fitted head itself (eval mode), so callers need not reload it from the run folder."""
 
 
 # ----------------------------------------------------------------------------- data sources
@@ -184,6 +194,21 @@ class FitContext:
                                             shards_in_memory=self.fit.shards_in_memory)
         return self._sources[key]
 
+    def derive(self, source: Batches, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]) -> Batches:
+        """Per-image features fn(batch) of a source, kept in RAM within `feature_cache_mb`."""
+        return derive(source, fn, self.fit.feature_cache_mb)
+
+    def accuracy(self, head: Head, source: Batches) -> float:
+        """Top-1 accuracy (fraction) of `head` on `source`."""
+        return accuracy(head, source, self.device)
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return to_torch(batch, self.device)
+
+    def numpy_rng(self, salt: int) -> np.random.Generator:
+        """A numpy generator of its own for a recipe's random draws (e.g. mixup), seeded by the fit seed."""
+        return np.random.default_rng(_epoch_seed(self.fit.seed, salt))
+
     def next_epoch(self) -> int:
         """A fresh epoch number for batch shuffling (distinct across stages)."""
         self._epoch_counter += 1
@@ -229,11 +254,11 @@ class FitContext:
                  f"final loss {self.loss_curve[-1]['loss']:.4f} ({time.perf_counter() - started:.1f}s)")
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- accuracy
 
 
 @torch.no_grad()
-def evaluate(head: Head, source: Batches, device: torch.device, batch_size: int = 256) -> float:
+def accuracy(head: Head, source: Batches, device: torch.device, batch_size: int = 256) -> float:
     """Top-1 accuracy (fraction) of the head on a source of tokens/pooled + labels."""
     was_training = head.training
     head.eval()
@@ -248,490 +273,11 @@ def evaluate(head: Head, source: Batches, device: torch.device, batch_size: int 
 
 
 def head_fields(head: Head) -> tuple[str, ...]:
+    """The store fields a head's forward pass reads, with the labels."""
     return tuple(head.inputs) + ("label",)
 
 
-# ----------------------------------------------------------------------------- linear probe
-
-
-def pooled_source(ctx: FitContext, split: str, source_kind: str) -> Batches:
-    """Per-image features for a probe: the store's pooled array, or the mean token.
-
-    The mean token is read from `pooled` when the store says pooled is the mean token
-    (CNNs), so a probe "on the mean" does not have to stream all tokens.
-    """
-    if source_kind == "pooled" or ctx.info.pooled == "mean":
-        return ctx.split(split, ("pooled", "label"))
-    tokens = ctx.split(split, ("tokens", "label"))
-    return derive(tokens, lambda b: {"pooled": b["tokens"].astype(np.float32).mean(1), "label": b["label"]},
-                  ctx.fit.feature_cache_mb)
-
-
-def fit_linear(head: LinearProbe, ctx: FitContext, stage: str = "probe") -> None:
-    """Standardise (optional), then AdamW on cross-entropy over the pooled features."""
-    cfg = head.config
-    train = pooled_source(ctx, "train", cfg.source)
-    if cfg.standardize != "none":
-        total = sq = None
-        n = 0
-        for b in train.batches(4096, shuffle=False):  # streaming mean / variance
-            x = b["pooled"].astype(np.float64)
-            total = x.sum(0) if total is None else total + x.sum(0)
-            sq = (x * x).sum(0) if sq is None else sq + (x * x).sum(0)
-            n += len(x)
-        mean = total / n
-        if cfg.standardize == "feature":
-            std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
-            scale = np.where(std > 1e-6, std, 1.0)
-        else:  # one scale (the RMS norm per dim) keeps every direction's relative size
-            scale = np.full_like(mean, max(float(np.sqrt(sq.sum() / n / len(mean))), 1e-6))
-            mean = np.zeros_like(mean)
-        head.feature_mean.copy_(torch.from_numpy(mean).float())
-        head.feature_scale.copy_(torch.from_numpy(scale).float())
-    epochs = cfg.epochs
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ctx.train(stage, train, opt, epochs, cfg.batch_size,
-              lambda b, _: F.cross_entropy(head.forward_features(b["pooled"]), b["label"]))
-
-
-# ----------------------------------------------------------------------------- ProtoQuant
-
-
-def _recover_backbone_classifier(ctx: FitContext) -> tuple[torch.nn.Linear, float] | None:
-    """The backbone's own classifier as an affine map pooled -> logits, solved from the cache.
-
-    On a CNN store pooled is the mean token and the classifier is linear in it, so least
-    squares over the cached (pooled, logits) pairs recovers it; the relative residual
-    says how well.
-    """
-    if not ctx.store.has_logits or ctx.info.num_logits != ctx.info.num_classes or ctx.info.pooled != "mean":
-        return None
-    d = ctx.info.dim
-    xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
-    xty = torch.zeros(d + 1, ctx.info.num_logits, dtype=torch.float64)
-    yy = 0.0
-    for b in ctx.split("train", ("pooled", "logits", "label")).batches(2048, shuffle=False):
-        x = torch.from_numpy(b["pooled"]).double()
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-        y = torch.from_numpy(b["logits"]).double()
-        xtx += x.T @ x
-        xty += x.T @ y
-        yy += float((y * y).sum())
-    sol = torch.linalg.solve(xtx + 1e-6 * torch.eye(d + 1, dtype=torch.float64), xty)
-    resid = max(yy - float((sol * xty).sum()), 0.0)  # ||Y - X sol||^2 at the normal-equation solution
-    layer = torch.nn.Linear(d, ctx.info.num_logits)
-    layer.weight.data.copy_(sol[:d].T.float())
-    layer.bias.data.copy_(sol[d].float())
-    return layer, math.sqrt(resid / max(yy, 1e-12))
-
-
-def protoquant_teacher(head: ProtoQuant, ctx: FitContext) -> torch.nn.Module | None:
-    """The frozen classifier of mean-pooled (quantised) tokens used by stage 1."""
-    cfg = head.config
-    if cfg.task_weight == 0:
-        return None
-    if cfg.teacher in ("auto", "backbone"):
-        recovered = _recover_backbone_classifier(ctx)
-        if recovered is not None and recovered[1] < 1e-2:
-            ctx.log(f"teacher: the backbone's classifier, recovered from cached logits (rel. residual {recovered[1]:.1e})")
-            ctx.extra["teacher"] = {"kind": "backbone", "relative_residual": recovered[1]}
-            return recovered[0].to(ctx.device).requires_grad_(False)
-        if cfg.teacher == "backbone":
-            why = ("the store has no logits" if not ctx.store.has_logits else
-                   f"the backbone has {ctx.info.num_logits} logits for {ctx.info.num_classes} classes"
-                   if ctx.info.num_logits != ctx.info.num_classes else
-                   "pooled is not the mean token" if ctx.info.pooled != "mean" else
-                   f"logits are not linear in pooled (rel. residual {recovered[1]:.2f})")
-            raise ProtocacheError(f"protoquant teacher=backbone is not possible here: {why}; use teacher=probe")
-    # a linear probe on the mean token, fitted on the cache first; one global feature
-    # scale, not a per-dimension z-score, so quantisation error in near-constant
-    # dimensions is not blown up in the CE gradient that reaches the codes
-    probe = create_head("linear", ctx.info, source="mean", standardize="global").to(ctx.device)
-    fit_linear(probe, ctx, stage="teacher")
-    acc = evaluate(probe, pooled_source(ctx, "train", "mean"), ctx.device)
-    ctx.log(f"teacher: linear probe on the mean token, train accuracy {acc:.4f}")
-    ctx.extra["teacher"] = {"kind": "probe", "train_accuracy": acc}
-    probe.eval().requires_grad_(False)
-    return lambda m: probe.forward_features(m)  # type: ignore[return-value]
-
-
-@torch.no_grad()
-def init_codes(head: ProtoQuant, ctx: FitContext) -> None:
-    """k-means (spherical, FAISS) on a seeded token sample, or the reference's orthogonal init.
-
-    Centroids are unit vectors; each is scaled to the mean norm of its members so the
-    codes live where the tokens do (the ||q - x||^2 term compares raw vectors).
-    """
-    cfg = head.config
-    k = head.prototype_count
-    if cfg.init == "kmeans":
-        result = cb.fit_codebook(ctx.store, cb.KMeansConfig(num_codes=k, sample_size=cfg.kmeans_sample,
-                                                            iters=cfg.kmeans_iters, spherical=True,
-                                                            seed=ctx.fit.seed, split="train"))
-        scale = np.where(result.member_norm > 0, result.member_norm, np.median(result.member_norm))
-        codes = torch.from_numpy(result.centroids * scale[:, None])
-        rep = asdict(result.report)
-        rep.pop("cluster_sizes")
-        ctx.extra["kmeans"] = rep
-        ctx.log(f"k-means: {k} codes from {result.report.num_samples} tokens ({result.report.rows_read} images) "
-                f"on {result.report.backend} in {result.report.seconds:.1f}s, {result.report.empty_clusters} empty")
-    else:
-        sample = cb.sample_tokens(ctx.store, min(cfg.kmeans_sample, 10_000), seed=ctx.fit.seed)
-        codes = torch.empty(k, ctx.info.dim)
-        torch.nn.init.orthogonal_(codes, generator=ctx.torch_generator(1))
-        codes *= float(np.linalg.norm(sample.tokens, axis=1).mean())
-        ctx.log(f"codes: orthogonal init scaled to the mean token norm")
-    head.codes.data.copy_(codes.to(head.codes.device))
-
-
-@torch.no_grad()
-def code_usage(head: ProtoQuant, ctx: FitContext, batch_size: int = 256) -> torch.Tensor:
-    usage = torch.zeros(head.prototype_count, dtype=torch.long, device=ctx.device)
-    for b in ctx.split("train", ("tokens", "label")).batches(batch_size, shuffle=False):
-        idx = head.nearest_code(to_torch(b, ctx.device)["tokens"])
-        usage += torch.bincount(idx.flatten(), minlength=head.prototype_count)
-    return usage
-
-
-def train_codebook(head: ProtoQuant, ctx: FitContext, teacher) -> None:
-    """Stage 1: hard cosine quantisation, CE through the frozen teacher + ||q - sg(x)||^2.
-
-    Codes that no token chose in an epoch are re-seeded from random cached tokens.
-    """
-    cfg = head.config
-    epochs = cfg.codebook_epochs
-    if not epochs:
-        return
-    codes = head.codes
-    codes.requires_grad_(True)
-    opt = torch.optim.Adam([codes], lr=cfg.codebook_lr)
-    usage = torch.zeros(head.prototype_count, dtype=torch.long, device=ctx.device)
-    last: dict[str, torch.Tensor] = {}
-    gen = ctx.torch_generator(2)
-    reseeded: list[int] = []
-
-    def step(b: dict[str, torch.Tensor], _: float) -> torch.Tensor:
-        x = b["tokens"]
-        idx = head.nearest_code(x)  # no gradient through the assignment
-        usage.add_(torch.bincount(idx.flatten(), minlength=head.prototype_count))
-        q = codes[idx]
-        loss = cfg.codebook_weight * F.mse_loss(q, x)
-        if teacher is not None and cfg.task_weight:
-            loss = loss + cfg.task_weight * F.cross_entropy(teacher(q.mean(dim=1)), b["label"])
-        last["tokens"] = x.detach()
-        return loss
-
-    @torch.no_grad()
-    def reseed(_: int) -> None:
-        dead = torch.nonzero(usage <= cfg.dead_code_threshold).flatten()
-        if dead.numel():
-            pool = last["tokens"].reshape(-1, ctx.info.dim)
-            pick = torch.randperm(pool.shape[0], generator=gen)[:dead.numel()].to(pool.device)
-            if pick.numel() < dead.numel():  # tiny batches: sample with replacement
-                pick = torch.randint(pool.shape[0], (dead.numel(),), generator=gen).to(pool.device)
-            codes.data[dead] = pool[pick]
-            reseeded.append(int(dead.numel()))
-        else:
-            reseeded.append(0)
-        usage.zero_()
-
-    ctx.train("codebook", ctx.split("train", ("tokens", "label")), opt, epochs, cfg.codebook_batch_size, step,
-              after_epoch=reseed)
-    codes.requires_grad_(cfg.train_codes)
-    ctx.extra["dead_codes_reseeded"] = reseeded
-
-
-def prune_codebook(head: ProtoQuant, ctx: FitContext) -> None:
-    """Usage-based pruning to `prune_to` codes in `prune_rounds` rounds (least used first)."""
-    cfg = head.config
-    target = cfg.prune_to
-    if not target or target >= head.prototype_count:
-        return
-    history = [head.prototype_count]
-    rounds = max(1, cfg.prune_rounds)
-    for r in range(rounds):
-        excess = head.prototype_count - target
-        if excess <= 0:
-            break
-        drop = math.ceil(excess / (rounds - r))
-        usage = code_usage(head, ctx)
-        order = torch.argsort(usage.cpu(), stable=True)
-        keep = torch.sort(order[drop:]).values
-        head.keep_codes(keep.to(head.codes.device))
-        history.append(head.prototype_count)
-    ctx.extra["codebook_pruning"] = history
-    ctx.log(f"pruned the codebook by usage: {' -> '.join(map(str, history))}")
-
-
-def train_protoquant_head(head: ProtoQuant, ctx: FitContext, epochs: int, stage: str) -> None:
-    """Stage 2: CE (+ L1 on ReLU(W)); codes frozen or trained with the commitment term."""
-    cfg = head.config
-    codes = head.codes
-    codes.requires_grad_(cfg.train_codes)
-    if cfg.train_codes:
-        opt = torch.optim.AdamW([{"params": [head.weight], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-                                 {"params": [codes], "lr": cfg.codes_lr, "weight_decay": 0.0}])
-
-        def step(b: dict[str, torch.Tensor], _: float) -> torch.Tensor:
-            x = b["tokens"]
-            s = head.cosine(x)
-            p = torch.softmax(s / cfg.tau, dim=-1).amax(dim=1)
-            w = head.class_weights()
-            loss = F.cross_entropy(p @ w.T, b["label"]) + cfg.l1 * w.sum()
-            if cfg.codebook_weight:  # keeps the codes on the tokens they stand for (no drift)
-                loss = loss + cfg.codebook_weight * F.mse_loss(codes[s.detach().argmax(-1)], x)
-            return loss
-
-        ctx.train(stage, ctx.split("train", ("tokens", "label")), opt, epochs, cfg.batch_size, step)
-        return
-
-    @torch.no_grad()
-    def presence(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(b["tokens"]).float().to(ctx.device)
-        return {"presence": head.presence(x).cpu().numpy(), "label": b["label"]}
-
-    source = derive(ctx.split("train", ("tokens", "label")), presence, ctx.fit.feature_cache_mb)
-    opt = torch.optim.AdamW([head.weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    def step_frozen(b: dict[str, torch.Tensor], _: float) -> torch.Tensor:
-        w = head.class_weights()
-        return F.cross_entropy(b["presence"] @ w.T, b["label"]) + cfg.l1 * w.sum()
-
-    ctx.train(stage, source, opt, epochs, cfg.batch_size, step_frozen)
-
-
-def fit_protoquant(head: ProtoQuant, ctx: FitContext) -> None:
-    cfg = head.config
-    init_codes(head, ctx)
-    teacher = protoquant_teacher(head, ctx) if cfg.codebook_epochs else None
-    train_codebook(head, ctx, teacher)
-    prune_codebook(head, ctx)
-    train_protoquant_head(head, ctx, cfg.epochs, "head")
-    if cfg.topk_per_class:
-        ctx.extra["test_accuracy_dense"] = evaluate(head, ctx.split("test", ("tokens", "label")), ctx.device)
-        ctx.extra["prototype_count_dense"] = head.prototype_count
-        head.limit_per_class(cfg.topk_per_class)
-        head.prune_unused()
-        ctx.log(f"kept the top {cfg.topk_per_class} weights per class: {head.prototype_count} prototypes remain "
-                f"(dense head: test accuracy {ctx.extra['test_accuracy_dense']:.4f})")
-        if cfg.finetune_epochs:
-            train_protoquant_head(head, ctx, cfg.finetune_epochs, "finetune")
-    head.codes.requires_grad_(cfg.train_codes)
-
-
-# ----------------------------------------------------------------------------- ProtoPool
-
-
-def gumbel_scale(cfg, epoch: float) -> float:
-    """The published schedule: start * sqrt(alpha * epoch), alpha = (end / start)^2 / gumbel_epochs,
-    reaching `gumbel_end` (one-hot in practice) at gumbel_epochs and staying there."""
-    interval = max(cfg.gumbel_epochs, 1e-9)
-    if epoch >= interval:
-        return float(cfg.gumbel_end)
-    alpha = (cfg.gumbel_end / cfg.gumbel_start) ** 2 / interval
-    return float(cfg.gumbel_start * math.sqrt(alpha * epoch))
-
-
-def _dist_cost(dmin: torch.Tensor, weights: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Mean over the batch of the smallest Dmin among each image's top_k weighted prototypes."""
-    top = torch.topk(weights, top_k, dim=1).indices
-    return dmin.gather(1, top).amin(dim=1).mean()
-
-
-def protopool_loss(head: ProtoPool, batch: dict[str, torch.Tensor],
-                   mix: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
-    """CE + 0.8 cluster - 0.08 separation + 1e-4 L1 (off-class last-layer weights) + slot orthogonality.
-
-    `mix` = (lambda, permutation) applies mixup as published (--mixup_data): token maps are
-    mixed, CE is mixed over both labels, cluster/separation use the first label.
-    """
-    cfg = head.config
-    a = head.slot_assignment()  # [C, M, K]
-    x, y = batch["tokens"], batch["label"]
-    if mix is not None:
-        lam, perm = mix
-        x = lam * x + (1 - lam) * x[perm]
-    sims, dmin = head.slot_similarities(x, a)
-    logits = head.last_layer(sims)
-    loss = F.cross_entropy(logits, y)
-    if mix is not None:
-        loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y[perm])
-    own = a[y].sum(dim=-1).detach()  # [B, M]: how much each prototype fills the true class's slots
-    k, m = cfg.slots_per_class, head.prototype_count
-    cluster = _dist_cost(dmin, own, k)
-    separation = _dist_cost(dmin, (1 - a[y]).sum(dim=-1).detach(), max(1, m - k))
-    l1 = (head.last_layer.weight * (1 - head.class_identity)).abs().sum()
-    slots = head.slot_logits  # orthogonality of a class's slot distributions (on the logits, as published)
-    cos = F.cosine_similarity(slots.unsqueeze(2), slots.unsqueeze(3), dim=1)  # [C, K, K]
-    ortho = cos.sum() / (head.num_classes * k) - 1
-    return (loss + cfg.cluster_weight * cluster - cfg.separation_weight * separation + cfg.l1 * l1
-            + cfg.orthogonality_weight * ortho)
-
-
-@torch.no_grad()
-def push_prototypes(head: ProtoPool, ctx: FitContext, batch_size: int = 256) -> list[dict[str, Any]]:
-    """Replace each prototype by its nearest training token (after the add-on) among images
-    of the classes whose slots hold it; prototypes no class holds search all images."""
-    head.eval()
-    m = head.prototype_count
-    slots = head.slot_prototypes()  # [C, K]
-    allowed = torch.zeros(head.num_classes, m, dtype=torch.bool, device=slots.device)
-    allowed.scatter_(1, slots, True)
-    unused = ~allowed.any(dim=0)
-    allowed[:, unused] = True
-    best = torch.full((m,), float("inf"), device=ctx.device)
-    best_vec = head.prototypes.detach().clone()
-    best_row = torch.full((m,), -1, dtype=torch.long, device=ctx.device)
-    best_cell = torch.full((m,), -1, dtype=torch.long, device=ctx.device)
-    t = ctx.info.num_tokens
-    for b in ctx.split("train", ("tokens", "label", "row")).batches(batch_size, shuffle=False):
-        batch = to_torch(b, ctx.device)
-        z = head.embed(batch["tokens"])  # [B, T, d]
-        p = head.prototypes
-        d = F.relu((z * z).sum(-1, keepdim=True) - 2 * z @ p.T + (p * p).sum(-1)[None, None])  # [B, T, M]
-        ok = allowed[batch["label"]]  # [B, M]
-        d = torch.where(ok[:, None, :], d, torch.full_like(d, float("inf")))
-        flat = d.reshape(-1, m)  # [(B*T), M]
-        val, pos = flat.min(dim=0)
-        better = val < best
-        if better.any():
-            img, cell = pos // t, pos % t
-            best[better] = val[better]
-            best_vec[better] = z[img[better], cell[better]]
-            best_row[better] = batch["row"][img[better]]
-            best_cell[better] = cell[better]
-    head.prototypes.data.copy_(best_vec)
-    head.push_row.copy_(best_row)
-    head.push_cell.copy_(best_cell)
-    ids = ctx.store.metadata().column("image_id").to_pylist()
-    w = ctx.info.grid[1]
-    sources = []
-    for j in range(m):
-        r, c = int(best_row[j]), int(best_cell[j])
-        sources.append({"prototype": j, "row": r, "image_id": str(ids[r]) if r >= 0 else None,
-                        "cell": c, "grid_yx": [c // w, c % w], "distance": float(best[j]),
-                        "classes": [int(k) for k in torch.nonzero(allowed[:, j] & ~unused[j]).flatten()]})
-    head.train()
-    return sources
-
-
-def fit_protopool(head: ProtoPool, ctx: FitContext) -> None:
-    cfg = head.config
-    params = [{"params": head.add_on.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-              {"params": [head.slot_logits], "lr": cfg.lr},
-              {"params": [head.prototypes], "lr": cfg.lr}]
-    head.last_layer.requires_grad_(False)  # as published: the last layer waits for the tuning phase
-    opt = torch.optim.Adam(params)
-    train = ctx.split("train", ("tokens", "label"))
-
-    rng = np.random.default_rng(_epoch_seed(ctx.fit.seed, 3))
-    gen = ctx.torch_generator(3)
-
-    def step(b: dict[str, torch.Tensor], epoch: float) -> torch.Tensor:
-        head.gumbel_scale = gumbel_scale(cfg, epoch)
-        mix = None
-        if cfg.mixup:
-            perm = torch.randperm(len(b["label"]), generator=gen).to(ctx.device)
-            mix = (float(rng.beta(cfg.mixup, cfg.mixup)), perm)
-        return protopool_loss(head, b, mix)
-
-    ctx.train("prototypes", train, opt, cfg.epochs, cfg.batch_size, step)
-    head.gumbel_scale = float(cfg.gumbel_end)
-    if cfg.push:
-        ctx.extra["test_accuracy_before_push"] = evaluate(head, ctx.split("test", ("tokens", "label")), ctx.device)
-        ctx.extra["prototype_sources"] = push_prototypes(head, ctx)
-        ctx.log(f"pushed {head.prototype_count} prototypes onto their nearest training tokens "
-                f"(test accuracy before push {ctx.extra['test_accuracy_before_push']:.4f})")
-    if cfg.last_layer_epochs:
-        head.requires_grad_(False)
-        head.last_layer.requires_grad_(True)
-        hard = head.hard_assignment()
-
-        @torch.no_grad()
-        def slot_features(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            x = torch.from_numpy(b["tokens"]).float().to(ctx.device)
-            return {"slots": head.slot_similarities(x, hard)[0].cpu().numpy(), "label": b["label"]}
-
-        source = derive(train, slot_features, ctx.fit.feature_cache_mb)
-        opt = torch.optim.Adam(head.last_layer.parameters(), lr=cfg.last_layer_lr, weight_decay=1e-3)
-        off = 1 - head.class_identity
-
-        def tune(b: dict[str, torch.Tensor], _: float) -> torch.Tensor:
-            logits = head.last_layer(b["slots"])
-            return F.cross_entropy(logits, b["label"]) + cfg.l1 * (head.last_layer.weight * off).abs().sum()
-
-        ctx.train("last_layer", source, opt, cfg.last_layer_epochs, cfg.batch_size, tune)
-    head.requires_grad_(True)
-
-
-# ----------------------------------------------------------------------------- InfoDisent
-
-
-def fit_infodisent(head: InfoDisent, ctx: FitContext) -> None:
-    """CE only. A warm-up fits W on the hard-pooled channels of the current rotation (the
-    identity at first, so W starts from max-pooled backbone channels); then Adam trains W
-    and the skew generator A jointly, A folded into the rotation after every step."""
-    cfg = head.config
-    train = ctx.split("train", ("tokens", "label"))
-    if cfg.warmup_epochs:
-        @torch.no_grad()
-        def pooled(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            x = torch.from_numpy(b["tokens"]).float().to(ctx.device)
-            return {"channels": head.eval().presence(x).cpu().numpy(), "label": b["label"]}
-
-        channels = derive(train, pooled, ctx.fit.feature_cache_mb)
-        head.train()
-        opt = torch.optim.Adam([head.weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ctx.train("warmup", channels, opt, cfg.warmup_epochs, cfg.batch_size,
-                  lambda b, _: F.cross_entropy(b["channels"] @ head.class_weights().T, b["label"]))
-    if cfg.epochs:
-        opt = torch.optim.Adam([{"params": [head.weight], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-                                {"params": [head.skew], "lr": cfg.rotation_lr}])
-        ctx.train("rotation", train, opt, cfg.epochs, cfg.batch_size,
-                  lambda b, _: F.cross_entropy(head(b["tokens"]), b["label"]), after_step=head.retract)
-    with torch.no_grad():
-        u = head.rotation
-        ctx.extra["rotation_orthogonality_error"] = float((u @ u.T - torch.eye(len(u), device=u.device)).abs().max())
-        ctx.extra["rotation_distance_from_identity"] = float((u - torch.eye(len(u), device=u.device)).norm())
-
-
-def fit_generic(head: Head, ctx: FitContext) -> None:
-    """Fallback for heads registered without a procedure: AdamW on cross-entropy."""
-    cfg = head.config
-    opt = torch.optim.AdamW(head.parameters(), lr=getattr(cfg, "lr", 1e-3))
-    ctx.train("head", ctx.split("train", head_fields(head)), opt, getattr(cfg, "epochs", None) or 10,
-              getattr(cfg, "batch_size", None) or 256, lambda b, _: F.cross_entropy(head(b.get("tokens"), pooled=b.get("pooled")), b["label"]))
-
-
-FITTERS: dict[str, Callable[[Any, FitContext], None]] = {
-    "linear": fit_linear,
-    "protoquant": fit_protoquant,
-    "protopool": fit_protopool,
-    "infodisent": fit_infodisent,
-}
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ProtocacheError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ProtocacheError(f"bad --device {device!r}: {exc}") from None
-
-
-def seed_everything(seed: int) -> None:
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
+# ----------------------------------------------------------------------------- entry point
 
 
 def open_complete_store(path: str | Path) -> FeatureStore:
@@ -775,8 +321,7 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     run_dir = run_files.prepare_run_dir(out, store.path, store.fingerprint)
     echo = (lambda m: print(m, file=sys.stderr, flush=True)) if fit.progress else None
     log = run_files.RunLog(run_dir, echo=echo)
-    if fit.threads:
-        torch.set_num_threads(fit.threads)
+    pin_threads(fit.threads)
     seed_everything(fit.seed)
     device = resolve_device(fit.device)
     started = time.perf_counter()
@@ -787,10 +332,10 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     head = head_class(name)(info, config).to(device)
     head.train()
     ctx = FitContext(store, info, fit, device, log)
-    FITTERS.get(name, fit_generic)(head, ctx)
+    head.fit(ctx)
     head.eval()
-    train_acc = evaluate(head, ctx.split("train", head_fields(head)), device, fit.eval_batch_size)
-    test_acc = evaluate(head, ctx.split("test", head_fields(head)), device, fit.eval_batch_size)
+    train_acc = accuracy(head, ctx.split("train", head_fields(head)), device, fit.eval_batch_size)
+    test_acc = accuracy(head, ctx.split("test", head_fields(head)), device, fit.eval_batch_size)
     seconds = time.perf_counter() - started
     metrics = {
         "head": name,
@@ -820,73 +365,4 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     run_files.write_json(run_dir / run_files.METRICS, metrics)
     log(f"{name}: train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "
         f"{head.prototype_count} prototypes, {seconds:.1f}s")
-    return FitResult(str(run_dir), name, metrics, config_json)
-
-
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Head, dict[str, Any], dict[str, Any]]:
-    """(head in eval mode, config.json, metrics.json) of a finished run; no store needed."""
-    config, metrics = run_files.read_run(run_dir)
-    name = config["head"]
-    info = StoreInfo.from_json(config["store"]["info"])
-    head = create_head(name, info, **config["head_config"])
-    head.load_weights(run_files.load_tensors(Path(run_dir) / run_files.WEIGHTS))
-    return head.to(resolve_device(device)).eval(), config, metrics
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """`key=value` strings to a dict; values parse as YAML scalars (1, 0.5, true, [1, 2])."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ProtocacheError(f"--set expects key=value, got {item!r}")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as exc:
-            raise ProtocacheError(f"--set {item!r}: value is not valid YAML ({exc})") from None
-        out[key] = _yaml_float(parsed)
-    return out
-
-
-def _yaml_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number."""
-    if isinstance(value, str):
-        try:
-            return float(value) if any(ch.isdigit() for ch in value) and value.strip().lower() not in ("nan", "inf") else value
-        except ValueError:
-            return value
-    if isinstance(value, list):
-        return [_yaml_float(v) for v in value]
-    return value
-
-
-def read_config_file(path: str | Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(head config, fit options) from a YAML file: head keys at the top, fit options under `fit:`."""
-    if not path:
-        return {}, {}
-    import yaml
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ProtocacheError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ProtocacheError(f"config file {p} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ProtocacheError(f"config file {p} must hold a mapping of config keys")
-    data = {k: _yaml_float(v) for k, v in data.items()}
-    fit = data.pop("fit", None) or {}
-    if not isinstance(fit, dict):
-        raise ProtocacheError(f"config file {p}: `fit:` must be a mapping")
-    valid = {f.name for f in dataclasses.fields(FitConfig)}
-    unknown = sorted(set(fit) - valid)
-    if unknown:
-        raise ProtocacheError(f"config file {p}: unknown fit option(s) {unknown}; valid: {', '.join(sorted(valid))}")
-    return data, fit
-
-
-__all__ = ["FitConfig", "FitResult", "fit_head", "load_run", "list_heads", "parse_overrides", "read_config_file"]
+    return FitResult(str(run_dir), name, metrics, config_json, head)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ProtocacheError
-from .feature_store import _describe_difference, compare_fingerprints
+from .fingerprint import compare_fingerprints, describe_difference as _describe_difference
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"

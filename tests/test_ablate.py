@@ -12,14 +12,9 @@ from protocache.pipeline.fit import FitConfig, fit_head
 from protocache.stores import ProtocacheError
 from protocache.stores import runs
 
-from test_codebook import small_store_path
 
 SHORT = {"codebook_epochs": 1, "prune_rounds": 1, "epochs": 2, "finetune_epochs": 1, "kmeans_iters": 5}
 
-
-@pytest.fixture(scope="module")
-def store_path(tmp_path_factory) -> Path:
-    return small_store_path(tmp_path_factory)
 
 
 def write_grid(path: Path, text: str) -> Path:

@@ -12,9 +12,9 @@ from PIL import Image
 from scipy.io import savemat
 
 from protocache.cli.main import main
-from protocache.pipeline.datasets import create_dataset, list_datasets
-from protocache.pipeline.synthetic_birds import (HEAD_COLOURS, PART_NAMES, WING_STYLES, bird_classes, class_grid,
-                                                 make_synthetic_birds)
+from protocache.pipeline.datasets import create_dataset, list_datasets, record_image_loader
+from protocache.pipeline.datasets.synthetic_birds import (HEAD_COLOURS, PART_NAMES, WING_STYLES, bird_classes,
+                                                          class_grid, make_synthetic_birds)
 from protocache.stores.errors import ProtocacheError
 
 
@@ -103,6 +103,27 @@ def test_cub_errors_say_what_is_missing_and_where_to_get_it(tmp_path):
 
 def test_registry_lists_the_standard_layouts():
     assert {"cub", "cars", "dogs", "imagenet", "folder", "digits"} <= set(list_datasets())
+
+
+def test_record_image_loader_loads_one_record_without_the_dataset(tmp_path):
+    digits = create_dataset("digits")
+    load = record_image_loader("digits")
+    for i in (0, 17, len(digits) - 1):
+        assert np.array_equal(np.asarray(load(digits.records[i])), np.asarray(digits.load_image(i)))
+    write_cub(tmp_path / "CUB_200_2011")
+    for i, colour in enumerate([(200, 10, 10), (10, 200, 10), (10, 10, 200)]):  # three different images
+        write_jpeg(Path(create_dataset("cub", root=tmp_path).records[i]["path"]), size=(20 + i, 16), colour=colour)
+    cub = create_dataset("cub", root=tmp_path)
+    records = [dict(r) for r in cub.records]
+    for name in ("images.txt", "classes.txt", "parts/part_locs.txt"):  # the loader reads no annotation file
+        (tmp_path / "CUB_200_2011" / name).unlink()
+    load = record_image_loader("cub")
+    for i, record in enumerate(records):
+        assert np.array_equal(np.asarray(load(record)), np.asarray(cub.load_image(i)))
+    assert load({"path": records[2]["path"]}).size == (22, 16)  # `path` is all a file layout needs
+    with pytest.raises(ProtocacheError, match="unknown dataset 'cubb'. Did you mean cub") as err:
+        record_image_loader("cubb")
+    assert "Known datasets: cars, cub, digits" in str(err.value)
 
 
 # ---------------------------------------------------------------------------- synthetic birds

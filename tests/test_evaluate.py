@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
+from protocache.pipeline.datasets.synthetic_birds import make_synthetic_birds
 from protocache.pipeline.evaluate import EvaluateConfig, evaluate_head, evaluate_run, shuffle_prototypes
 from protocache.pipeline.extract import ExtractConfig, run_extract
-from protocache.pipeline.fit import FitConfig, fit_head, load_run
-from protocache.pipeline.synthetic_birds import make_synthetic_birds
+from protocache.pipeline.fit import FitConfig, fit_head
+from protocache.pipeline.runs import load_run
 from protocache.stores import FeatureStore
 
 KEYS = {"top1", "top5", "consistency", "stability", "purity", "drift"}

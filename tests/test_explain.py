@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import re
@@ -10,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import markupsafe
 import numpy as np
 import pytest
 import torch
@@ -18,10 +18,11 @@ from PIL import Image
 from protocache.cli.main import main as cli_main
 from protocache.pipeline.backbones import Backbone, BackboneConfig
 from protocache.pipeline.datasets import create_dataset
-from protocache.pipeline.explain import ExplainConfig, ImageSource, choose_images, explain_run, used_prototypes
+from protocache.pipeline.datasets.synthetic_birds import make_synthetic_birds
+from protocache.pipeline.explain import ExplainConfig, ImageSource, choose_images, explain_run, reroot, used_prototypes
 from protocache.pipeline.extract import ExtractConfig, _load_cropped, run_extract
-from protocache.pipeline.fit import FitConfig, fit_head, load_run
-from protocache.pipeline.synthetic_birds import make_synthetic_birds
+from protocache.pipeline.fit import FitConfig, fit_head
+from protocache.pipeline.runs import load_run
 from protocache.stores import FeatureStore, ProtocacheError
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -174,7 +175,8 @@ def test_birds_report_escapes_data_and_shows_negative_evidence(birds_report):
     store = birds_report["store"]
     assert store.attrs["class_names"][0] == NASTY
     assert "onerror=alert" in page  # the name is on the page ...
-    assert "<img src=x" not in page and html.escape(NASTY, quote=True) in page  # ... only escaped
+    # ... only escaped (as the page's Jinja autoescape escapes: &lt; &gt; &amp; &#34; &#39;)
+    assert "<img src=x" not in page and str(markupsafe.escape(NASTY)) in page
     # InfoDisent: the gallery is capped, maps are signed, evidence for and against adds up to the logit
     assert result.prototypes_shown == 12 and result.prototypes_used > 12 and report["summary"]["signed_maps"]
     assert page.count('class="card prototype"') == 12
@@ -213,6 +215,37 @@ def test_cli_explain_rewrites_a_report_and_refuses_other_folders(digits_report, 
     assert (other / "notes.txt").read_text() == "keep me"
     with pytest.raises(ProtocacheError, match="no split 'val'"):
         explain_run(ExplainConfig(run=str(digits_report["run"]), out=str(tmp_path / "r2"), split="val"))
+
+
+def test_reroot_moves_paths_recorded_under_the_dataset_root():
+    assert reroot("/data/cub/CUB_200_2011/images/a.jpg", "/data/cub", None) == "/data/cub/CUB_200_2011/images/a.jpg"
+    assert reroot("/data/cub/CUB_200_2011/images/a.jpg", "/data/cub", "/moved") == "/moved/CUB_200_2011/images/a.jpg"
+    # extracted with a relative --root: the path starts with that root's last component(s)
+    assert reroot("cub/CUB_200_2011/a.jpg", "/data/cub", None) == "/data/cub/CUB_200_2011/a.jpg"
+    assert reroot("../x/cub/CUB_200_2011/a.jpg", "/data/x/cub", "/moved") == "/moved/CUB_200_2011/a.jpg"
+    assert reroot("CUB_200_2011/a.jpg", "/data/cub", "/moved") == "/moved/CUB_200_2011/a.jpg"  # --root .
+    assert reroot("sklearn:digits/3", None, "/moved") == "sklearn:digits/3"  # no folder: as recorded
+    assert reroot("/elsewhere/a.jpg", "/data/cub", "/moved") == "/elsewhere/a.jpg"
+
+
+def test_moved_dataset_needs_root_and_a_failed_run_keeps_the_previous_report(birds_report, tmp_path):
+    store, run = birds_report["store"], birds_report["run"]
+    recorded = Path(store.attrs["dataset_root"])
+    moved = tmp_path / "moved"
+    shutil.copytree(recorded, moved)
+    source = ImageSource(store, root=str(moved))
+    record = source.record(3)
+    assert record["path"].startswith(str(moved)) and Path(record["path"]).is_file()
+    assert np.array_equal(np.asarray(source.view(3)), np.asarray(ImageSource(store).view(3)))
+
+    out = tmp_path / "report"
+    cfg = dict(run=str(run), out=str(out), images=2, patches=1, top_prototypes=1, max_prototypes=2, device="cpu")
+    explain_run(ExplainConfig(**cfg, root=str(moved)))
+    before = {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    with pytest.raises(ProtocacheError, match=r"cannot reload image .*Pass --root DIR if the dataset moved"):
+        explain_run(ExplainConfig(**(cfg | {"images": 3}), root=str(tmp_path / "nowhere")))
+    assert {f.relative_to(out): f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []  # no staging folder left
 
 
 def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:

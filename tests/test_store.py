@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from protocache.stores import FeatureStore, FingerprintMismatch, MissingShardError, StoreLayout, StoreNotFound
-from protocache.stores.feature_store import default_shard_size
+from protocache.stores.layout import default_shard_size
 
 N, GRID, D, S = 21, (2, 3), 4, 8  # 3 shards: 8, 8, 5 images
 
@@ -173,3 +173,12 @@ def test_open_errors(tmp_path):
 def test_default_shard_size_targets_about_150_mb():
     s = default_shard_size(49, 1280)
     assert s % 8 == 0 and 100e6 < s * 49 * 1280 * 2 < 200e6
+
+
+def test_stores_import_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, protocache.stores, protocache.stores.runs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -205,10 +205,19 @@ def draw_bird(cls: BirdClass, rng: np.random.Generator, size: int) -> tuple[Imag
 # ---------------------------------------------------------------------------- the CUB files
 @dataclass
 class SyntheticBirdsConfig:
+    """What `make-dataset synthetic-birds` draws."""
+
     classes: int = 4
+    """Number of classes (head colour x wing style x tail shape)."""
+
     per_class: int = 12
+    """Images per class, half of them (rounded up) train."""
+
     seed: int = 0
+    """Random seed; the same seed writes the same files."""
+
     image_size: int = 128
+    """Side of the square images in pixels."""
 
     def check(self) -> None:
         if not 1 <= self.classes <= MAX_CLASSES:
@@ -266,7 +275,7 @@ def make_synthetic_birds(out: Path, classes: int = 4, per_class: int = 12, seed:
     write("parts/parts.txt", [f"{p + 1} {name}" for p, name in enumerate(PART_NAMES)])
     write("parts/part_locs.txt", [f"{i} {p + 1} {x:.1f} {y:.1f} {v}"
                                   for i, kps in zip(ids, part_locs) for p, (x, y, v) in enumerate(kps)])
-    meta = {"generator": "protocache.pipeline.synthetic_birds", "config": asdict(cfg),
+    meta = {"generator": "protocache.pipeline.datasets.synthetic_birds", "config": asdict(cfg),
             "decisive_parts": DECISIVE_PARTS,
             "classes": [{"label": k, "class": f"{k + 1:03d}.{c.folder_name}",
                          "head_colour": HEAD_COLOURS[c.head][0], "wing_style": WING_STYLES[c.wing][0],

@@ -1,0 +1,118 @@
+"""Helpers shared by the dataset layouts: loading an image file, options from a command line,
+root checks, listing image files, annotation text files and the seeded stratified split."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+from protocache.stores.errors import ProtocacheError
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm"})
+
+
+def load_image(record: dict[str, Any]) -> Image.Image:
+    """Open the record's image file, decoded (module-level, so DataLoader workers can pickle it)."""
+    image = Image.open(record["path"])
+    image.load()  # decode now and release the file handle
+    return image
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """'train'/'test' per item: a seeded, per-class random split (scikit-learn's rule)."""
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    _, test_index = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=labels)
+    split = np.full(len(labels), "train", dtype=object)
+    split[test_index] = "test"
+    return split
+
+
+# ---------------------------------------------------------------------------- options and roots
+def as_bool(value: Any, option: str) -> bool:
+    """Options may arrive as strings from a command line."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ProtocacheError(f"option {option} must be true or false, not {value!r}")
+
+
+def check_options(dataset: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(sorted(allowed)) or "none"
+        raise ProtocacheError(f"dataset {dataset} does not take option(s) {', '.join(unknown)} (it takes: {known})")
+
+
+def require_root(root: Path | None, dataset: str, what: str, url: str | None) -> Path:
+    """The root folder, or an error that says what to pass and where the data comes from."""
+    where = f" Get it from {url}." if url else ""
+    if root is None:
+        raise ProtocacheError(f"dataset {dataset} is read from disk: pass --root DIR ({what}).{where}")
+    if not root.is_dir():
+        raise ProtocacheError(f"dataset {dataset}: --root {root} is not a folder; pass {what}.{where}")
+    return root.resolve()
+
+
+# ---------------------------------------------------------------------------- listing image files
+def is_image(name: str) -> bool:
+    # str methods, not os.path.splitext: this runs once per file of ImageNet
+    _, dot, extension = name.rpartition(".")
+    return bool(dot) and not name.startswith(".") and extension.lower() in IMAGE_EXTENSIONS
+
+
+def subdirs(folder: Path) -> list[str]:
+    """Sorted names of the visible subfolders (os.scandir: no stat per entry on large trees)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def image_names(folder: Path) -> list[str]:
+    """Sorted names of the image files directly in a folder."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_file() and is_image(e.name))
+
+
+def image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """Sorted image files in a folder (and its subfolders when recursive), by relative path."""
+    if not recursive:
+        return [folder / n for n in image_names(folder)]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / f for f in filenames if is_image(f))
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+# ---------------------------------------------------------------------------- annotation text files
+def read_rows(path: Path, columns: int, url: str, last_has_spaces: bool = False) -> list[list[str]]:
+    """Whitespace-separated rows of a text annotation file with `columns` fields each."""
+    if not path.is_file():
+        raise ProtocacheError(f"missing {path}: the dataset folder is incomplete. Get the full dataset from {url}.")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.split(maxsplit=columns - 1) if last_has_spaces else line.split()
+            if len(fields) != columns:
+                raise ProtocacheError(f"{path} line {number}: expected {columns} fields, got {line.strip()!r}")
+            rows.append([v.strip() for v in fields])
+    return rows
+
+
+def pretty(name: str) -> str:
+    """'001.Black_footed_Albatross' -> 'Black footed Albatross' (also 'n02085620-Chihuahua' style)."""
+    head, sep, tail = name.partition(".")
+    if sep and head.isdigit():
+        name = tail
+    return name.replace("_", " ").strip()

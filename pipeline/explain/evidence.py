@@ -1,0 +1,181 @@
+"""Evidence: predictions over a split, the choice of explained images, what each chosen image's
+logits are made of, the scan of training patches, and the prototypes a head uses.
+
+Everything reads the cache (tokens) and the head; nothing here draws or writes files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocache.stores import FeatureStore
+from protocache.stores.errors import ProtocacheError
+
+
+class TopImages:
+    """Per prototype, the k images where it is most similar (value, row, cell of the per-image peak)."""
+
+    def __init__(self, num_prototypes: int, k: int):
+        self.k = k
+        self.values = np.zeros((num_prototypes, 0), dtype=np.float32)
+        self.rows = np.zeros((num_prototypes, 0), dtype=np.int64)
+        self.cells = np.zeros((num_prototypes, 0), dtype=np.int64)
+
+    def update(self, peak_values: np.ndarray, peak_cells: np.ndarray, rows: np.ndarray) -> None:
+        """peak_values, peak_cells [B, P]; rows [B]."""
+        values = np.concatenate([self.values, peak_values.T.astype(np.float32)], axis=1)
+        cells = np.concatenate([self.cells, peak_cells.T.astype(np.int64)], axis=1)
+        rows_all = np.concatenate([self.rows, np.broadcast_to(rows[None, :], peak_values.T.shape)], axis=1)
+        # highest first, ties by row: the result does not depend on batching
+        order = np.lexsort((rows_all, -values), axis=1)[:, :self.k]
+        self.values = np.take_along_axis(values, order, 1)
+        self.rows = np.take_along_axis(rows_all, order, 1)
+        self.cells = np.take_along_axis(cells, order, 1)
+
+
+def as_tensor(batch_tokens: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(batch_tokens)).float().to(device)
+
+
+def similarity_maps(head, tokens: torch.Tensor) -> np.ndarray:
+    """[B, P, H, W] float32 similarity maps."""
+    return head.similarity_map(tokens).float().cpu().numpy()
+
+
+def _uses_pooled(head) -> bool:
+    """Whether the head reads the store's pooled (CLS/mean) token besides the tokens (the linear probe)."""
+    return "pooled" in head.inputs
+
+
+@torch.inference_mode()
+def predict_split(head, store: FeatureStore, split: str, batch_size: int, device: torch.device
+                  ) -> dict[str, np.ndarray]:
+    """rows, labels, predictions and softmax confidence of every usable image of a split."""
+    rows, labels, preds, conf = [], [], [], []
+    pooled = _uses_pooled(head)
+    fields = ("tokens", "label", "row") + (("pooled",) if pooled else ())
+    for batch in store.iter_batches(split, batch_size, fields=fields, prefetch=False):
+        extra = {"pooled": as_tensor(batch["pooled"], device)} if pooled else {}
+        logits = head(as_tensor(batch["tokens"], device), **extra).float()
+        prob = torch.softmax(logits, dim=1)
+        p = logits.argmax(dim=1)
+        rows.append(batch["row"])
+        labels.append(batch["label"])
+        preds.append(p.cpu().numpy())
+        conf.append(prob.gather(1, p[:, None])[:, 0].cpu().numpy())
+    if not rows:
+        raise ProtocacheError(f"split {split!r} of {store.path} has no usable images")
+    return {"rows": np.concatenate(rows), "labels": np.concatenate(labels).astype(np.int64),
+            "preds": np.concatenate(preds).astype(np.int64), "confidence": np.concatenate(conf)}
+
+
+def choose_images(correct: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of `n` items, seeded: about half wrong predictions (when there are any), the rest correct.
+
+    Returned right ones first, then wrong ones, each in ascending order.
+    """
+    rng = np.random.default_rng(seed)
+    right, wrong = np.flatnonzero(correct), np.flatnonzero(~correct)
+    n = min(int(n), len(correct))
+    n_wrong = min(len(wrong), n // 2 if n > 1 else 0)
+    n_right = min(len(right), n - n_wrong)
+    n_wrong = min(len(wrong), n - n_right)  # too few right ones: fill with wrong ones
+    pick_right = np.sort(rng.choice(right, size=n_right, replace=False)) if n_right else np.zeros(0, np.int64)
+    pick_wrong = np.sort(rng.choice(wrong, size=n_wrong, replace=False)) if n_wrong else np.zeros(0, np.int64)
+    return np.concatenate([pick_right, pick_wrong]).astype(np.int64)
+
+
+@torch.inference_mode()
+def explain_images(head, store: FeatureStore, pred: dict[str, np.ndarray], chosen: np.ndarray, top_prototypes: int,
+                   batch_size: int, device: torch.device) -> tuple[list[dict[str, Any]], set[int]]:
+    """What the logits of the chosen images are made of; and the prototypes shown for them.
+
+    Per chosen image: one block for the predicted class (and one for the true class when
+    they differ) listing the `top_prototypes` prototypes with the largest |contribution|
+    to that logit (ties by prototype), each with its positive and negative evidence, its
+    presence and weight, its peak cell (and strongest negative cell) and its similarity
+    map (``"map"``, [H, W], for drawing; not part of the report's JSON).
+    """
+    weights = head.class_weights().float().cpu().numpy()  # [C, P]
+    explained: list[dict[str, Any]] = []
+    needed: set[int] = set()
+    for lo in range(0, len(chosen), batch_size):
+        idx = chosen[lo:lo + batch_size]
+        rows = pred["rows"][idx]
+        order = np.argsort(rows)
+        inv = np.empty_like(order)
+        inv[order] = np.arange(len(order))
+        back = torch.from_numpy(inv).to(device)
+        tokens = as_tensor(store.read_rows("tokens", rows[order]), device)[back]
+        extra = {}
+        if _uses_pooled(head):
+            extra["pooled"] = as_tensor(store.read_rows("pooled", rows[order]), device)[back]
+        logits = head(tokens, **extra).float().cpu().numpy()
+        evidence = {k: v.float().cpu().numpy() for k, v in head.evidence(tokens).items()}
+        presence = head.presence(tokens).float().cpu().numpy()
+        maps = similarity_maps(head, tokens)
+        for j, i in enumerate(idx):
+            label, p_cls = int(pred["labels"][i]), int(pred["preds"][i])
+            classes = [p_cls] if label == p_cls else [p_cls, label]
+            blocks = []
+            for c in classes:
+                pos, neg = evidence["positive"][j, c], evidence["negative"][j, c]
+                net = pos - neg
+                candidates = np.flatnonzero((pos != 0) | (neg != 0))
+                ranked = candidates[np.lexsort((candidates, -np.abs(net[candidates])))][:top_prototypes]
+                entries = []
+                for p in ranked.tolist():
+                    m = maps[j, p]
+                    entries.append({"prototype": p, "positive": float(pos[p]), "negative": float(neg[p]),
+                                    "contribution": float(net[p]), "presence": float(presence[j, p]),
+                                    "weight": float(weights[c, p]), "peak_cell": int(m.argmax()),
+                                    "negative_peak_cell": int(m.argmin()) if neg[p] > 0 else None,
+                                    "map": m})
+                    needed.add(p)
+                blocks.append({"class": c, "logit": float(logits[j, c]), "shown_sum": float(net[ranked].sum()),
+                               "total_sum": float(net.sum()), "prototypes": entries})
+            explained.append({"row": int(pred["rows"][i]), "label": label, "pred": p_cls,
+                              "correct": bool(label == p_cls), "confidence": float(pred["confidence"][i]),
+                              "blocks": blocks})
+    return explained, needed
+
+
+@torch.inference_mode()
+def scan_training(head, store: FeatureStore, split: str, k: int, batch_size: int, device: torch.device
+                  ) -> tuple[TopImages, np.ndarray, int]:
+    """One pass over a split: top-k images per prototype, and each prototype's importance.
+
+    Importance of prototype p is the mean over the split of |presence_p * w_{y,p}|, its
+    share of the true class's logit.
+    """
+    weights = head.class_weights().float()
+    top: TopImages | None = None
+    importance = None
+    n = 0
+    for batch in store.iter_batches(split, batch_size, fields=("tokens", "label", "row"), prefetch=False):
+        tokens = as_tensor(batch["tokens"], device)
+        maps = head.similarity_map(tokens).float()
+        flat = maps.flatten(2)  # [B, P, T]
+        values, cells = flat.max(dim=2)
+        if top is None:
+            top = TopImages(flat.shape[1], k)
+            importance = np.zeros(flat.shape[1], dtype=np.float64)
+        top.update(values.cpu().numpy(), cells.cpu().numpy(), np.asarray(batch["row"], dtype=np.int64))
+        labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(device)
+        share = (head.presence(tokens).float() * weights[labels]).abs().sum(0)
+        importance += share.double().cpu().numpy()
+        n += len(labels)
+    if top is None:
+        raise ProtocacheError(f"split {split!r} of {store.path} has no usable images: the gallery needs "
+                              "training images (choose another with --train-split)")
+    return top, importance / max(n, 1), n
+
+
+def used_prototypes(head, num_classes: int) -> tuple[list[int], dict[int, list[int]]]:
+    """(sorted prototypes any class uses, class -> its prototypes), from head.class_prototypes."""
+    per_class = {c: [int(p) for p in head.class_prototypes(c)] for c in range(num_classes)}
+    used = sorted({p for ps in per_class.values() for p in ps})
+    return used, per_class

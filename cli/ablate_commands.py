@@ -40,3 +40,11 @@ def ablate(
     typer.echo(f"results  {summary['results']}")
     if summary["summary"]:
         typer.echo(f"summary  {summary['summary']}")
+    chosen = summary["chosen"]
+    if chosen is None:
+        typer.echo("chosen   none: no point has a validation split (val_fraction 0), so no config is chosen")
+    else:
+        test = "n/a" if chosen["test_accuracy"] is None else f"{100 * chosen['test_accuracy']:.2f}%"
+        typer.echo(f"chosen   {chosen['config']} by val accuracy {100 * chosen['val_accuracy']:.2f}% "
+                   f"(mean of {len(chosen['seeds'])} seed(s), best of {chosen['configs_ranked']} configs); "
+                   f"its test accuracy {test}")

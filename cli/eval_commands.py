@@ -35,7 +35,15 @@ def evaluate(
     typer.echo(f"run            {results['run']}  ({results['split']}, {results['num_images']} images)")
     typer.echo(f"top-1          {results['top1']:.4f}")
     typer.echo(f"top-5          {results['top5']:.4f}")
-    typer.echo(f"prototypes     {results['prototype_count']}  (local size {results['local_size']})")
+    typer.echo(f"prototypes     {results['prototype_count']}  ({results['prototypes_used']} used; local size "
+               f"{results['local_size']})")
+    k = results["class_prototype_k"]
+    typer.echo(f"class rule     {results['class_prototype_rule']}" + (f" (k = {k})" if k is not None else ""))
+    purity = results["purity"]
     for metric in ("consistency", "stability", "purity", "drift"):
-        typer.echo(f"{metric:<14} {fmt(metric)}")
+        extra = (f"  ({purity['part_related']} of {purity['prototypes']} prototypes > 0.5; PIP-Net's published "
+                 "purity is on --split train)" if metric == "purity" and purity.get("value") is not None else "")
+        typer.echo(f"{metric:<14} {fmt(metric)}{extra}")
+    if results.get("evidence"):
+        typer.echo(f"evidence       {', '.join(f'{run}/{v}' for v in results['evidence'].values())}")
     typer.echo(f"written to     {run}/eval-{split}.json")

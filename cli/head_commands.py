@@ -22,6 +22,7 @@ def fit_head_cmd(
     # unset unless given, so a config file's `fit:` values win over the dataclass defaults
     device: Optional[str] = option(FitConfig, "device", default=None),
     seed: Optional[int] = option(FitConfig, "seed", default=None),
+    val_fraction: Optional[float] = option(FitConfig, "val_fraction", default=None),
     epochs: Optional[int] = option(FitConfig, "epochs"),
     threads: Optional[int] = option(FitConfig, "threads"),
     progress: bool = option(FitConfig, "progress"),
@@ -33,7 +34,7 @@ def fit_head_cmd(
 
     head_cfg, fit_opts = read_config_file(config, FitConfig)
     head_cfg.update(parse_overrides(set_))
-    given = {"device": device, "seed": seed, "epochs": epochs, "threads": threads}
+    given = {"device": device, "seed": seed, "val_fraction": val_fraction, "epochs": epochs, "threads": threads}
     fit_opts.update({k: v for k, v in given.items() if v is not None})
     fit_opts["progress"] = progress
     result = fit_head(head, store, out, head_cfg, FitConfig(**fit_opts))
@@ -42,7 +43,8 @@ def fit_head_cmd(
         echo_json({k: v for k, v in m.items() if k not in ("loss_curve", "prototype_sources")})
         return
     extra = f", local size {m['local_size']:.1f}" if m.get("local_size") is not None else ""
-    typer.echo(f"{head}: test accuracy {100 * m['test_accuracy']:.2f}% (train {100 * m['train_accuracy']:.2f}%), "
+    val = "n/a" if m.get("val_accuracy") is None else f"{100 * m['val_accuracy']:.2f}%"
+    typer.echo(f"{head}: test accuracy {100 * m['test_accuracy']:.2f}% (val {val}, train {100 * m['train_accuracy']:.2f}%), "
                f"{m['prototype_count']} prototypes{extra}, {m['seconds']:.1f}s -> {result.run_dir}")
 
 
@@ -68,16 +70,17 @@ def bench_heads_cmd(
     out: Optional[str] = option(BenchConfig, "out"),
     device: str = option(BenchConfig, "device"),
     epochs: Optional[int] = option(BenchConfig, "epochs"),
+    val_fraction: float = option(BenchConfig, "val_fraction"),
     threads: Optional[int] = option(BenchConfig, "threads"),
     progress: bool = option(BenchConfig, "progress"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of the table."),
 ):
-    """Fit every head with its defaults on a store: test accuracy, gap to the probe, prototypes, seconds."""
+    """Fit every head with its defaults on a store: val and test accuracy, gap to the probe, prototypes, seconds."""
     from protocache.pipeline.bench import bench_heads, format_table
 
     names = tuple(h.strip() for h in heads.split(",") if h.strip()) if heads else None
     rows = bench_heads(BenchConfig(store=store, seed=seed, heads=names, out=out, device=device, epochs=epochs,
-                                   threads=threads, progress=progress))
+                                   val_fraction=val_fraction, threads=threads, progress=progress))
     if as_json:
         echo_json(rows)
         return

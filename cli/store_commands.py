@@ -27,6 +27,7 @@ def extract(
     precision: str = option(ExtractConfig, "precision"),
     limit: Optional[int] = option(ExtractConfig, "limit"),
     views: str = option(ExtractConfig, "views", default=",".join(field_default(ExtractConfig, "views"))),
+    resize: str = option(ExtractConfig, "resize"),
     noise_sigma: float = option(ExtractConfig, "noise_sigma"),
     on_bad_image: str = option(ExtractConfig, "on_bad_image"),
     num_workers: Optional[int] = option(ExtractConfig, "num_workers"),
@@ -41,8 +42,8 @@ def extract(
     """Run the frozen backbone over a dataset and write the feature store (resumes a partial one)."""
     cfg = ExtractConfig(dataset=dataset, root=root, backbone=backbone, weights=weights, out=out,
                         batch_size=batch_size, shard_size=shard_size, chunk_size=chunk_size, device=device,
-                        precision=precision, limit=limit, views=parse_views(views), noise_sigma=noise_sigma,
-                        on_bad_image=on_bad_image, num_workers=num_workers, threads=threads,
+                        precision=precision, limit=limit, views=parse_views(views), resize=resize,
+                        noise_sigma=noise_sigma, on_bad_image=on_bad_image, num_workers=num_workers, threads=threads,
                         compressor=compressor, overwrite=overwrite, progress=progress,
                         dataset_options=parse_dataset_options(dataset_option))
     if scheduler or workers:

@@ -12,6 +12,10 @@ so a head trained in a group gets exactly the weights it gets when trained alone
 same seed. Groups are independent and run in parallel on a dask cluster when one is given.
 Finished points (a run folder with metrics.json for the same config) are skipped, so an
 interrupted sweep resumes where it stopped.
+
+Configs are ranked by validation accuracy (each fit holds out `val_fraction` of the train
+split, see pipeline/fit.py), averaged over seeds; the test accuracy reported for the sweep
+is the one of the config that validation chose, never the best test accuracy.
 """
 
 from __future__ import annotations
@@ -199,22 +203,41 @@ class SharedStore:
     """A FeatureStore seen by several heads: identical batch streams are read once.
 
     `iter_batches` calls with the same arguments share one underlying read; each batch is
-    kept until every head that opened that stream has taken it. Everything else is
-    delegated to the real store.
+    kept until every head that opened that stream has taken it. `with_splits` (the fit's
+    validation carve-out) gives a view that shares the streams of views with the same
+    splits. Everything else is delegated to the real store.
     """
 
-    def __init__(self, store: FeatureStore, baton: _Baton, buffer_mb: float = 1024):
+    def __init__(self, store: FeatureStore, baton: _Baton, buffer_mb: float = 1024, *,
+                 _streams: dict | None = None, _counts: dict | None = None, _splits: str = ""):
         self._store, self._baton = store, baton
-        self._streams: dict[tuple, dict[str, Any]] = {}
+        self._streams: dict[tuple, dict[str, Any]] = {} if _streams is None else _streams
         self._buffer_bytes = buffer_mb * 2**20
-        self.reads = 0  # batches read from the real store (for tests and the benchmark)
-        self.served = 0  # batches handed to heads
+        # batches read from the real store (for tests and the benchmark) and handed to heads
+        self._counts = {"reads": 0, "served": 0} if _counts is None else _counts
+        self._splits = _splits  # which split assignment this view reads ("" = the store's own)
+
+    @property
+    def reads(self) -> int:
+        return self._counts["reads"]
+
+    @property
+    def served(self) -> int:
+        return self._counts["served"]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
+    def with_splits(self, splits: Sequence[str] | np.ndarray) -> "SharedStore":
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(str(x) for x in splits).encode()).hexdigest()
+        return SharedStore(self._store.with_splits(splits), self._baton, self._buffer_bytes / 2**20,
+                           _streams=self._streams, _counts=self._counts, _splits=digest)
+
     def iter_batches(self, *args, **kwargs) -> Iterator[dict[str, Any]]:
-        key = (args, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())))
+        key = (self._splits, args,
+               tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())))
         member = self._baton.local.member
         stream = self._streams.get(key)
         if stream is None or member not in stream["waiting"]:
@@ -242,11 +265,11 @@ class SharedStore:
                         return
                     stream["buffer"].append(batch)
                     stream["bytes"] += sum(getattr(v, "nbytes", 0) for v in batch.values())
-                    self.reads += 1
+                    self._counts["reads"] += 1
                 batch = stream["buffer"][i - stream["dropped"]]
                 stream["cursor"][member] = i + 1
                 self._trim(stream)
-                self.served += 1
+                self._counts["served"] += 1
                 yield batch
                 self._baton.switch()
         finally:
@@ -316,7 +339,8 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
 def _result_row(point: AblatePoint, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return {"run": point.name, "run_dir": str(run_dir), "head": point.head, "seed": point.seed,
             **{f"config.{k}": _fmt(v) if isinstance(v, (list, dict)) else v for k, v in point.config.items()},
-            "train_accuracy": metrics.get("train_accuracy"), "test_accuracy": metrics.get("test_accuracy"),
+            "train_accuracy": metrics.get("train_accuracy"), "val_accuracy": metrics.get("val_accuracy"),
+            "test_accuracy": metrics.get("test_accuracy"),
             "prototype_count": metrics.get("prototype_count"),
             "fit_seconds": metrics.get("fit_seconds", metrics.get("seconds"))}
 
@@ -366,11 +390,40 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
         if evaluate:  # points trained now were evaluated with their head in hand
             row.update(evaluated.get(p.name) or _eval_row(out / p.name))
         rows.append(row)
+    chosen = rank_by_val(points, rows)
     write_results(rows, out / "results.parquet")
     swept = sorted({k for p in points for k in p.config})
-    plot = summary_plot(rows, swept, out / "summary.png")
+    plot = summary_plot(rows, swept, out / "summary.png", chosen)
     return {"points": len(points), "trained": len(todo), "skipped": skipped, "groups": len(groups),
-            "results": str(out / "results.parquet"), "summary": plot}
+            "results": str(out / "results.parquet"), "summary": plot, "chosen": chosen}
+
+
+def rank_by_val(points: Sequence[AblatePoint], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rank the configs by mean validation accuracy over seeds; mark the rows of the best.
+
+    Adds `val_rank` (1 = best; shared by a config's seeds; None for a config without val
+    figures) and `chosen` to every row, and returns the chosen config with its mean val and
+    test accuracy (None when no point has a validation split, i.e. val_fraction 0). Ties go
+    to the config listed first in the grid.
+    """
+    keys = [json.dumps(p.config, sort_keys=True) for p in points]
+    val: dict[str, list[float]] = {}
+    for key, row in zip(keys, rows):
+        val.setdefault(key, [])
+        if row.get("val_accuracy") is not None:
+            val[key].append(float(row["val_accuracy"]))
+    ranked = sorted((k for k in val if val[k]), key=lambda k: -float(np.mean(val[k])))  # stable: grid order on ties
+    rank = {k: i + 1 for i, k in enumerate(ranked)}
+    for key, row in zip(keys, rows):
+        row["val_rank"] = rank.get(key)
+        row["chosen"] = rank.get(key) == 1
+    if not ranked:
+        return None
+    best = [(p, r) for p, k, r in zip(points, keys, rows) if k == ranked[0]]
+    tests = [float(r["test_accuracy"]) for _, r in best if r.get("test_accuracy") is not None]
+    return {"config": best[0][0].config, "runs": [r["run"] for _, r in best], "seeds": [p.seed for p, _ in best],
+            "val_accuracy": float(np.mean(val[ranked[0]])),
+            "test_accuracy": float(np.mean(tests)) if tests else None, "configs_ranked": len(ranked)}
 
 
 def write_results(rows: list[dict[str, Any]], path: Path) -> None:
@@ -384,8 +437,10 @@ def write_results(rows: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path) -> str | None:
-    """One panel per swept key: each metric's mean over the other keys and seeds, ± the spread over seeds."""
+def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path,
+                 chosen: dict[str, Any] | None = None) -> str | None:
+    """One panel per swept key: each metric's mean over the other keys and seeds, ± the spread over seeds;
+    the title names the config validation chose and its test accuracy."""
     try:
         import matplotlib
 
@@ -393,7 +448,8 @@ def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path) ->
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    metrics = [m for m in ("test_accuracy", "consistency", "purity") if any(r.get(m) is not None for r in rows)]
+    metrics = [m for m in ("val_accuracy", "test_accuracy", "consistency", "purity")
+               if any(r.get(m) is not None for r in rows)]
     keys = list(keys) or ["seed"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -416,6 +472,10 @@ def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path) ->
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("value (mean ± std over seeds)")
     axes[0][-1].legend(fontsize=8)
+    if chosen is not None:
+        test = "n/a" if chosen["test_accuracy"] is None else f"{chosen['test_accuracy']:.4f}"
+        fig.suptitle(f"chosen by val: {json.dumps(chosen['config'], sort_keys=True)} "
+                     f"(val {chosen['val_accuracy']:.4f}, test {test})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -248,11 +248,12 @@ class Backbone:
         # bf16 on a CPU without native bf16 units is several times slower than fp32.
         return "bf16" if cpu_has_fast_bf16() else "fp32"
 
-    def transform(self):
-        """timm's evaluation preprocessing for this model (resize, center crop, normalise)."""
-        import timm
+    def transform(self, resize: str = "timm"):
+        """PIL image -> the normalised input tensor: timm's eval preprocessing for this model (resize,
+        center crop, normalise), or with resize="stretch" a resize straight to the input size (no crop)."""
+        from .transforms import ModelInputTransform, preprocessing_config
 
-        return timm.data.create_transform(**self.data_config, is_training=False)
+        return ModelInputTransform(preprocessing_config(self.data_config, resize))
 
     def token_boxes(self) -> list[list[float]]:
         """Pixel box [x0, y0, x1, y1] at the model's input size of each token, row-major."""

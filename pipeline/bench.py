@@ -1,8 +1,8 @@
 """Bench stage: fit every registered head with its defaults on one store and compare.
 
-The table is what the README quotes: each head's test accuracy, its gap to the linear
-probe in percentage points (negative = below the probe), its prototype count and how
-long its fit took.
+The table is what the README quotes: each head's validation and test accuracy, its test
+gap to the linear probe in percentage points (negative = below the probe), its prototype
+count and how long its fit took. Every fit holds out `val_fraction` of the train split.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class BenchConfig:
     """auto | cpu | cuda | cuda:N."""
     epochs: int | None = None
     """Override every head's epochs (quick smoke runs)."""
+    val_fraction: float = 0.1
+    """Share of the train split each fit holds out for validation (0: none)."""
     threads: int | None = None
     """Torch threads."""
     progress: bool = False
@@ -50,13 +52,14 @@ def bench_heads(config: BenchConfig) -> list[dict[str, Any]]:
         heads.insert(0, "linear")
     root = Path(config.out).expanduser() if config.out else Path(tempfile.mkdtemp(prefix="protocache-bench-"))
     fit = FitConfig(seed=config.seed, device=config.device, epochs=config.epochs, threads=config.threads,
-                    progress=config.progress)
+                    progress=config.progress, val_fraction=config.val_fraction)
     rows: list[dict[str, Any]] = []
     try:
         for name in heads:
             result = fit_head(name, config.store, root / name, {}, fit)
             m = result.metrics
-            rows.append({"head": name, "test_accuracy": m["test_accuracy"], "train_accuracy": m["train_accuracy"],
+            rows.append({"head": name, "val_accuracy": m.get("val_accuracy"), "test_accuracy": m["test_accuracy"],
+                         "train_accuracy": m["train_accuracy"],
                          "prototype_count": m["prototype_count"], "local_size": m.get("local_size"),
                          "fit_seconds": m["seconds"], "run_dir": str(root / name) if config.out else None})
     finally:
@@ -69,12 +72,14 @@ def bench_heads(config: BenchConfig) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width table (head, test accuracy %, gap to the probe in points, prototypes, seconds)."""
-    header = f"{'head':<12} {'test acc':>9} {'vs probe':>9} {'prototypes':>11} {'local size':>11} {'fit s':>7}"
+    """A fixed-width table (head, val and test accuracy %, test gap to the probe in points, prototypes, seconds)."""
+    header = (f"{'head':<12} {'val acc':>9} {'test acc':>9} {'vs probe':>9} {'prototypes':>11} {'local size':>11} "
+              f"{'fit s':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
         gap = "" if r["gap_to_probe_points"] is None or r["head"] == "linear" else f"{r['gap_to_probe_points']:+.1f}"
         local = "" if r.get("local_size") is None else f"{r['local_size']:.1f}"
-        lines.append(f"{r['head']:<12} {100 * r['test_accuracy']:>8.2f}% {gap:>9} {r['prototype_count']:>11} "
+        val = "n/a" if r.get("val_accuracy") is None else f"{100 * r['val_accuracy']:.2f}%"
+        lines.append(f"{r['head']:<12} {val:>9} {100 * r['test_accuracy']:>8.2f}% {gap:>9} {r['prototype_count']:>11} "
                      f"{local:>11} {r['fit_seconds']:>7.1f}")
     return "\n".join(lines)

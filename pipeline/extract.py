@@ -8,7 +8,6 @@ before it, in which process, or whether the run was interrupted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -29,10 +28,10 @@ from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
 from .datasets import Dataset, create_dataset
 from .geometry import input_space_annotations
 from .runtime import dask_client, pin_threads
+from .transforms import (NOISE_SIGMA, ModelInputTransform, make_view, noise_definition, noise_generator,  # noqa: F401
+                         noise_sigma_pixels, preprocessing_config, resolve_resize)
 
 VIEWS = ("clean", "hflip", "noise")
-NOISE_SIGMA = 0.2
-NOISE_CLIP = 0.25
 
 
 @dataclass
@@ -63,8 +62,12 @@ class ExtractConfig:
     """Only the first N images."""
     views: tuple[str, ...] = ("clean",)
     """Views to cache: clean,hflip,noise (comma-separated; clean is always cached)."""
+    resize: str = "auto"
+    """auto (stretch for datasets cropped to a bounding box: cub, cars with crop=true; timm otherwise) |
+    stretch (resize straight to the input size, no centre crop) | timm (the backbone's eval resize + centre crop)."""
     noise_sigma: float = NOISE_SIGMA
-    """Std of the noise view in normalised image space."""
+    """Std of the noise view in ImageNet-normalised units (Huang et al.'s 0.2), added in pixel space as
+    N(0, (sigma * ImageNet std)^2) per channel, clipped at +-0.25 ImageNet std."""
     on_bad_image: str = "error"
     """error (stop with the path) | skip (record ok=false)."""
     num_workers: int | None = None
@@ -133,30 +136,12 @@ def _load_cropped(dataset: Dataset, index: int):
     return image.crop(tuple(int(round(v)) for v in box)) if box is not None else image
 
 
-def noise_generator(image_id: str, view: str = "noise") -> torch.Generator:
-    """Per-image seed, so a noise view is the same whoever extracts the image, and when."""
-    seed = int.from_bytes(hashlib.sha256(f"{image_id}/{view}".encode()).digest()[:8], "little")
-    return torch.Generator().manual_seed(seed)
-
-
-def make_view(x: torch.Tensor, view: str, image_id: str, sigma: float = NOISE_SIGMA) -> torch.Tensor:
-    """One view of a normalised image tensor [3, H, W]."""
-    if view == "clean":
-        return x
-    if view == "hflip":
-        return torch.flip(x, dims=[-1])
-    if view == "noise":
-        noise = torch.randn(x.shape, generator=noise_generator(image_id), dtype=x.dtype) * sigma
-        return x + noise.clamp_(-NOISE_CLIP, NOISE_CLIP)
-    raise ProtocacheError(f"unknown view {view!r}")
-
-
 class _ImageViews(torch.utils.data.Dataset):
-    """Decodes image i, applies the backbone transform, and stacks the requested views."""
+    """Decodes image i, resizes it to the model input, and stacks the requested views, each normalised."""
 
-    def __init__(self, dataset: Dataset, transform, views: tuple[str, ...], sigma: float, data_config: dict):
+    def __init__(self, dataset: Dataset, transform: ModelInputTransform, views: tuple[str, ...], sigma: float):
         self.dataset, self.transform, self.views, self.sigma = dataset, transform, views, sigma
-        self.data_config = data_config
+        self.data_config = transform.data_config
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -170,12 +155,13 @@ class _ImageViews(torch.utils.data.Dataset):
             if record.get("crop_box") is not None:  # e.g. CUB's bounding-box crop
                 image = image.crop(tuple(int(round(v)) for v in record["crop_box"]))
             annotations = input_space_annotations(record, image.size, self.data_config)
-            x = self.transform(image.convert("RGB"))
+            pixels = self.transform.pixels(image)
         except Exception as exc:  # noqa: BLE001 - any decode failure is reported with the image's path
             _, h, w = self.data_config["input_size"]
             blank = torch.zeros(len(self.views), 3, h, w)
             return index, blank, False, f"{type(exc).__name__}: {exc}", json.dumps({"width": -1, "height": -1})
-        stacked = torch.stack([make_view(x, v, record["image_id"], self.sigma) for v in self.views])
+        stacked = torch.stack([self.transform.normalize(make_view(pixels, v, record["image_id"], self.sigma))
+                               for v in self.views])
         extra = {"width": size[0], "height": size[1], **annotations}
         return index, stacked, True, "", json.dumps(extra)
 
@@ -204,7 +190,7 @@ def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backb
     layout = StoreLayout(num_images=len(dataset), grid=backbone.grid, dim=backbone.dim,
                          num_logits=backbone.num_logits, shard_size=shard_size, chunk_size=cfg.chunk_size,
                          views=views, compressor=cfg.compressor)
-    data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in backbone.data_config.items()}
+    data_config = preprocessing_config(backbone.data_config, resolve_resize(cfg.resize, dataset.extract_defaults))
     fingerprint = {
         "dataset": dataset.name,
         "manifest_sha256": dataset.manifest_sha256(),
@@ -217,6 +203,7 @@ def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backb
         "dtype": "float16",
         "views": list(views),
         "noise_sigma": cfg.noise_sigma if "noise" in views else None,
+        "noise": noise_definition(cfg.noise_sigma) if "noise" in views else None,
         "versions": {"protocache": _package_version(), "torch": torch.__version__.split("+")[0],
                      "timm": timm.__version__},
     }
@@ -234,7 +221,8 @@ def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backb
         "dataset_root": str(Path(cfg.root).expanduser().resolve()) if cfg.root else None,
         "backbone": backbone.describe(),
         "bf16_cosine_to_fp32": precision_cosine,
-        "noise": {"sigma": cfg.noise_sigma, "clip": NOISE_CLIP, "seed": "sha256(image_id/noise)"},
+        "noise": noise_definition(cfg.noise_sigma),
+        "noise_sigma_pixels": noise_sigma_pixels(cfg.noise_sigma),
     }
     return layout, fingerprint, extra
 
@@ -258,6 +246,7 @@ def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
     if cfg.on_bad_image not in ("error", "skip"):
         raise ProtocacheError(f"--on-bad-image must be error or skip, not {cfg.on_bad_image!r}")
     parse_views(cfg.views)
+    resolve_resize(cfg.resize)  # a bad value fails before the backbone loads
     pin_threads(cfg.threads)
     dataset = dataset or create_dataset(cfg.dataset, cfg.root, **cfg.dataset_options).limit(cfg.limit)
     if len(dataset) == 0:
@@ -265,8 +254,8 @@ def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
     backbone = backbone or Backbone(BackboneConfig(cfg.backbone, cfg.weights, cfg.device, cfg.precision))
     cosine = 1.0
     if backbone.precision != "fp32":
-        transform = backbone.transform()
-        probe = torch.stack([transform(_load_cropped(dataset, i).convert("RGB")) for i in range(min(4, len(dataset)))])
+        transform = backbone.transform(resolve_resize(cfg.resize, dataset.extract_defaults))
+        probe = torch.stack([transform(_load_cropped(dataset, i)) for i in range(min(4, len(dataset)))])
         cosine = backbone.check_precision(probe)
         if backbone.precision == "fp32":
             _log(f"bf16 tokens differ from fp32 (cosine {cosine:.4f} < 0.99): extracting in fp32")
@@ -313,7 +302,7 @@ def extract_shards(store: FeatureStore, dataset: Dataset, backbone: Backbone, sh
     layout = store.layout
     views = layout.views
     batches = shard_batches(layout, shards, cfg.batch_size)
-    source = _ImageViews(dataset, backbone.transform(), views, cfg.noise_sigma, backbone.data_config)
+    source = _ImageViews(dataset, ModelInputTransform(store.fingerprint["preprocessing"]), views, cfg.noise_sigma)
     workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
     loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=workers,
                                          pin_memory=backbone.device.type == "cuda",

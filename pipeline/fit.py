@@ -13,9 +13,19 @@ presence with frozen codes, ProtoPool slot similarities for last-layer tuning, p
 features for the probe) are kept in RAM while they fit in `feature_cache_mb`, and
 recomputed from the tokens each epoch otherwise.
 
-Determinism: the seed fixes torch, numpy, Python's `random`, the k-means sample and the
-batch order of every epoch; torch runs with deterministic algorithms. On the CPU, the
-same seed, store, config and thread count give byte-identical weights.
+Validation: `val_fraction` of the store's train split is carved out as split "val"
+(stratified by label with scikit-learn's rule, seeded by the fit seed) before the recipe
+runs. The recipe sees the store through a view in which "train" is the remaining rows
+and "val" the carved ones, so every choice made while fitting (k-means sample, teacher,
+pruning, push, the figures recorded before a top-k or a push) uses train and val only;
+test only reports. The val rows are written to RUN/val_rows.npy so `evaluate --split val`
+measures the same images. A store with its own "val" split (a folder tree with val/
+folders) keeps it and nothing is carved. With val_fraction 0 the store is used as it is.
+
+Determinism: the seed fixes torch, numpy, Python's `random`, the k-means sample, the
+validation carve-out and the batch order of every epoch; torch runs with deterministic
+algorithms. On the CPU, the same seed, store, config and thread count give byte-identical
+weights.
 """
 
 from __future__ import annotations
@@ -32,12 +42,15 @@ import torch
 
 from protocache.stores import FeatureStore
 from protocache.stores import runs as run_files
-from protocache.stores.errors import MissingShardError
+from protocache.stores.errors import MissingShardError, ProtocacheError
 
 from .heads import Head, StoreInfo, head_class, resolve_config, store_info
+from .runs import with_val_rows
 from .runtime import pin_threads, resolve_device, seed_everything
 
 RUN_FORMAT = 1
+VAL_ROWS = "val_rows.npy"
+"""The run file holding the validation rows (store row indices, int64, sorted)."""
 
 
 @dataclass
@@ -45,7 +58,10 @@ class FitConfig:
     """How to fit (the head's own hyper-parameters live in its config)."""
 
     seed: int = 0
-    """Seed of everything random: init, k-means sample, batch order."""
+    """Seed of everything random: init, k-means sample, validation carve-out, batch order."""
+    val_fraction: float = 0.1
+    """Share of each class's train images held out as the validation split every choice made
+    while fitting is judged on (stratified, seeded by `seed`); 0 trains on the whole train split."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     epochs: int | None = None
@@ -173,21 +189,114 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, to
     return out
 
 
+# ----------------------------------------------------------------------------- validation split
+
+
+@dataclass
+class Validation:
+    """The validation split of one fit: where it came from and its rows."""
+
+    fraction: float
+    seed: int
+    source: str
+    """carved (from the store's train split) | store (the store's own val split) | none."""
+    rows: np.ndarray
+    """Store rows of the validation images, sorted."""
+    num_train: int
+    """Train images left for fitting."""
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "seed": self.seed, "source": self.source, "num_val": int(len(self.rows)),
+                "num_train": self.num_train, "rows_file": VAL_ROWS if len(self.rows) else None, "notes": self.notes}
+
+
+def check_val_fraction(fraction: float) -> float:
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise ProtocacheError(f"val_fraction must be in [0, 1), got {fraction!r}; e.g. --val-fraction 0.1, "
+                              "or 0 to train on the whole train split")
+    return value
+
+
+def carve_validation(train_rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+                     ) -> tuple[np.ndarray, list[str]]:
+    """Validation rows carved from `train_rows` (labels[i] is the label of train_rows[i]): sorted rows, notes.
+
+    scikit-learn's stratified rule (`train_test_split(..., stratify=labels)`, ceil(fraction * n)
+    images held out, each class in proportion), seeded by `seed`. A class with a single
+    train image keeps it in train; when the held-out count cannot cover every class (or
+    leave one of each in train), the rows are drawn uniformly instead. Both are noted.
+    """
+    from sklearn.model_selection import train_test_split
+
+    train_rows = np.asarray(train_rows, dtype=np.int64)
+    labels = np.asarray(labels)
+    notes: list[str] = []
+    if fraction <= 0 or train_rows.size == 0:
+        return np.zeros(0, dtype=np.int64), notes
+    classes, counts = np.unique(labels, return_counts=True)
+    single = classes[counts < 2]
+    if single.size:
+        notes.append(f"class(es) {[int(c) for c in single]} have a single train image: kept in train, none in val")
+    eligible = ~np.isin(labels, single)
+    rows, y = train_rows[eligible], labels[eligible]
+    if rows.size == 0:
+        raise ProtocacheError("cannot carve a validation split: every class has a single train image; "
+                              "pass --val-fraction 0 (fit option val_fraction: 0)")
+    state = int(seed) % 2**32
+    try:
+        _, val = train_test_split(rows, test_size=fraction, random_state=state, stratify=y)
+    except ValueError as exc:  # fewer held-out (or kept) images than classes
+        notes.append(f"no stratified split possible ({exc}); val drawn uniformly at random instead")
+        _, val = train_test_split(rows, test_size=fraction, random_state=state, shuffle=True)
+    return np.sort(np.asarray(val, dtype=np.int64)), notes
+
+
+def validation_split(store: Any, fraction: float, seed: int) -> Validation:
+    """The validation split of a fit (see the module docstring)."""
+    train = np.asarray(store.split_rows("train"), dtype=np.int64)
+    if fraction <= 0:
+        return Validation(0.0, seed, "none", np.zeros(0, dtype=np.int64), int(train.size), [])
+    own = np.asarray(store.split_rows("val"), dtype=np.int64)
+    if own.size:
+        return Validation(fraction, seed, "store", own, int(train.size),
+                          [f"the store has its own val split ({own.size} images): used as is, nothing carved "
+                           "from train"])
+    rows, notes = carve_validation(train, store.labels()[train], fraction, seed)
+    return Validation(fraction, seed, "carved", rows, int(train.size - rows.size), notes)
+
+
+def store_with_validation(store: Any, validation: Validation) -> Any:
+    """The store as a recipe sees it: split "val" = the carved rows, "train" = the rest."""
+    return with_val_rows(store, validation.rows) if validation.source == "carved" else store
+
+
 # ----------------------------------------------------------------------------- context
 
 
 class FitContext:
-    """What a head's training procedure needs: the store, sources, device, logging, curves."""
+    """What a head's training procedure needs: the store, sources, device, logging, curves.
+
+    `store` is the store as the fit sees it: split "train" holds only the rows fitted on and
+    split "val" the validation rows (see the module docstring); a recipe never reads "test".
+    """
 
     def __init__(self, store: FeatureStore, info: StoreInfo, fit: FitConfig, device: torch.device,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], num_val: int = 0):
         self.store, self.info, self.fit, self.device, self.log = store, info, fit, device, log
+        self.num_val = num_val
+        """Images in split "val" (0: no validation split, val_fraction 0)."""
         self.loss_curve: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
         self._epoch_counter = 0
         self._sources: dict[tuple, StoreSplit] = {}
 
     def split(self, split: str, fields: tuple[str, ...]) -> StoreSplit:
+        """Batches of `fields` over split "train" (the rows fitted on) or "val"."""
         key = (split, tuple(fields))
         if key not in self._sources:
             self._sources[key] = StoreSplit(self.store, split, fields, seed=self.fit.seed,
@@ -201,6 +310,17 @@ class FitContext:
     def accuracy(self, head: Head, source: Batches) -> float:
         """Top-1 accuracy (fraction) of `head` on `source`."""
         return accuracy(head, source, self.device)
+
+    def val_accuracy(self, head: Head) -> float | None:
+        """Top-1 accuracy (fraction) of `head` on the validation split; None without one (val_fraction 0)."""
+        if not self.num_val:
+            return None
+        return accuracy(head, self.split("val", head_fields(head)), self.device)
+
+    @staticmethod
+    def val_text(value: float | None) -> str:
+        """A recorded validation accuracy for a log line ("no val split" for None)."""
+        return val_text(value)
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return to_torch(batch, self.device)
@@ -272,6 +392,11 @@ def accuracy(head: Head, source: Batches, device: torch.device, batch_size: int 
     return correct / max(total, 1)
 
 
+def val_text(value: float | None) -> str:
+    """A recorded validation accuracy for a log line."""
+    return "no val split" if value is None else f"val accuracy {value:.4f}"
+
+
 def head_fields(head: Head) -> tuple[str, ...]:
     """The store fields a head's forward pass reads, with the labels."""
     return tuple(head.inputs) + ("label",)
@@ -287,6 +412,18 @@ def open_complete_store(path: str | Path) -> FeatureStore:
         raise MissingShardError(f"{store.path}: shard(s) {missing} are not written; finish `protocache extract` "
                                 "before fitting a head.")
     return store
+
+
+def write_val_rows(run_dir: Path, rows: np.ndarray) -> None:
+    """RUN/val_rows.npy (int64 store rows) through a temporary file; removed when there is no val split."""
+    path = Path(run_dir) / VAL_ROWS
+    if not len(rows):
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        np.save(fh, np.asarray(rows, dtype=np.int64), allow_pickle=False)
+    tmp.replace(path)
 
 
 def _package_version() -> str:
@@ -318,6 +455,7 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
                                 "finish `protocache extract` before fitting a head.")
     info = store_info(store)
     config = resolve_config(name, info, overrides)  # unknown keys fail before the run folder is touched
+    validation = validation_split(store, check_val_fraction(fit.val_fraction), fit.seed)
     run_dir = run_files.prepare_run_dir(out, store.path, store.fingerprint)
     echo = (lambda m: print(m, file=sys.stderr, flush=True)) if fit.progress else None
     log = run_files.RunLog(run_dir, echo=echo)
@@ -329,19 +467,30 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
         f"tokens {info.num_tokens} x {info.dim}) -> {run_dir}; device {device}, seed {fit.seed}, "
         f"{torch.get_num_threads()} threads")
     log(f"head config: {asdict(config)}")
+    if validation.source == "none":
+        log("validation: none (val_fraction 0): choices made while fitting see only the train split")
+    else:
+        log(f"validation: {len(validation.rows)} images ({validation.source}, fraction {validation.fraction}, "
+            f"seed {validation.seed}); {validation.num_train} train images left for fitting")
+    for note in validation.notes:
+        log(f"validation: {note}")
     head = head_class(name)(info, config).to(device)
     head.train()
-    ctx = FitContext(store, info, fit, device, log)
+    ctx = FitContext(store_with_validation(store, validation), info, fit, device, log, num_val=len(validation.rows))
     head.fit(ctx)
     head.eval()
-    train_acc = accuracy(head, ctx.split("train", head_fields(head)), device, fit.eval_batch_size)
-    test_acc = accuracy(head, ctx.split("test", head_fields(head)), device, fit.eval_batch_size)
+    fields = head_fields(head)
+    train_acc = accuracy(head, ctx.split("train", fields), device, fit.eval_batch_size)
+    val_acc = accuracy(head, ctx.split("val", fields), device, fit.eval_batch_size) if ctx.num_val else None
+    test_acc = accuracy(head, ctx.split("test", fields), device, fit.eval_batch_size)
     seconds = time.perf_counter() - started
     metrics = {
         "head": name,
         "train_accuracy": train_acc,
+        "val_accuracy": val_acc,
         "test_accuracy": test_acc,
         "num_train": ctx.split("train", ("label",)).num_rows,
+        "num_val": ctx.num_val,
         "num_test": ctx.split("test", ("label",)).num_rows,
         "prototype_count": head.prototype_count,
         "loss_curve": ctx.loss_curve,
@@ -354,6 +503,7 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
         "head": name,
         "head_config": asdict(config),
         "fit": asdict(fit),
+        "validation": validation.to_json(),
         "store": {"path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint,
                   "info": info.to_json()},
         "versions": {"protocache": _package_version(), "torch": torch.__version__.split("+")[0]},
@@ -362,7 +512,8 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     run_files.save_tensors(run_dir / run_files.WEIGHTS, head.state_dict(),
                            metadata={"head": name, "format": str(RUN_FORMAT)})
     run_files.write_json(run_dir / run_files.CONFIG, config_json)
+    write_val_rows(run_dir, validation.rows)  # before metrics.json: a finished run always has its val rows
     run_files.write_json(run_dir / run_files.METRICS, metrics)
-    log(f"{name}: train accuracy {train_acc:.4f}, test accuracy {test_acc:.4f}, "
+    log(f"{name}: train accuracy {train_acc:.4f}, {val_text(val_acc)}, test accuracy {test_acc:.4f}, "
         f"{head.prototype_count} prototypes, {seconds:.1f}s")
     return FitResult(str(run_dir), name, metrics, config_json, head)

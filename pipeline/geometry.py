@@ -1,4 +1,4 @@
-"""Where things land in model-input pixels: the backbone's resize + center crop applied to annotations.
+"""Where things land in model-input pixels: the store's resize rule applied to annotations.
 
 Datasets give bounding boxes and part keypoints in original-image pixels (after their
 own crop, if any); the store keeps them in model-input pixels, the same space as the
@@ -8,7 +8,12 @@ Coordinates are continuous pixel coordinates: pixel i spans [i, i + 1), so a res
 a factor s maps x to x * s (PIL's resampling uses the same convention) and a crop at
 offset o maps x to x - o. The store's token boxes use the same convention.
 
-The geometry reproduces timm's evaluation transform,
+The preprocessing config's ``resize`` rule (``pipeline/transforms.py``) picks the map:
+``stretch`` (bounding-box crops) resizes the image straight to the input's W x H, so
+``x -> x * W / width`` and ``y -> y * H / height`` with no offset (``stretch_geometry``);
+``timm`` (the default, and what stores without the key used) is timm's eval transform.
+
+For ``timm`` the geometry reproduces timm's evaluation transform,
 ``timm.data.create_transform(**data_config, is_training=False)``
 (``transforms_imagenet_eval``), step by step and with the same integer rounding:
 
@@ -72,6 +77,23 @@ def _center_crop_offset(size: int, crop: int) -> float:
     return float(int(round((size - crop) / 2.0)))
 
 
+def stretch_geometry(image_size: tuple[int, int], data_config: dict[str, Any]) -> InputGeometry:
+    """The geometry of a resize straight to the input size (no crop) of an image of `image_size` = (width, height)."""
+    out_h, out_w = _input_hw(data_config.get("input_size", 224))
+    width, height = int(image_size[0]), int(image_size[1])
+    return InputGeometry(scale_x=out_w / width, scale_y=out_h / height, offset_x=0.0, offset_y=0.0,
+                         width=out_w, height=out_h)
+
+
+def input_geometry(image_size: tuple[int, int], data_config: dict[str, Any]) -> InputGeometry:
+    """The geometry of the preprocessing config's resize rule (stretch, or timm's eval transform)."""
+    from .transforms import resize_mode
+
+    if resize_mode(data_config) == "stretch":
+        return stretch_geometry(image_size, data_config)
+    return eval_transform_geometry(image_size, data_config)
+
+
 def eval_transform_geometry(image_size: tuple[int, int], data_config: dict[str, Any]) -> InputGeometry:
     """The geometry of timm's eval transform for an image of `image_size` = (width, height)."""
     width, height = int(image_size[0]), int(image_size[1])
@@ -128,7 +150,7 @@ def input_space_annotations(record: dict[str, Any], image_size: tuple[int, int],
     out: dict[str, Any] = {}
     if record.get("bbox") is None and record.get("parts") is None:
         return out
-    geometry = eval_transform_geometry(image_size, data_config)
+    geometry = input_geometry(image_size, data_config)
     # extract crops with int(round(v)); the crop origin moves every annotation.
     crop = record.get("crop_box")
     cx, cy = (int(round(crop[0])), int(round(crop[1]))) if crop is not None else (0, 0)

@@ -1,37 +1,47 @@
-"""Interpretability metrics: the one implementation of each, as streaming reducers over similarity maps.
+"""Interpretability metrics: one implementation each, computed from evidence rows.
 
-Evaluate (and the explain report) feed batches of similarity maps on the cached token grid
-into these reducers and read the results at the end; nothing keeps a whole split's maps.
+Evaluate streams a split once and keeps, per batch, only the evidence a metric is computed
+from (and writes it to Parquet): the peak of each (image, prototype of the image's class)
+for consistency and stability, and each prototype's top images for purity. The functions
+here turn those rows into the numbers; a reader can recompute them from the Parquet files.
 
-Recipes:
-- consistency and stability: Huang et al., "Evaluation and Improvement of Interpretability
-  for Self-Explainable Part-Prototype Networks" (arXiv 2212.05946). A prototype's region in
-  an image is a 72-px box (at 224-px input) around the peak of its activation map; a part
-  "is in" the region when its visible keypoint falls inside the box. A prototype is
-  *consistent* when one part is in its region in at least 80 % of the images (of its
-  classes) where that part is visible. *Stability* is the share of images whose set of
-  parts in the region stays the same under Gaussian noise (the store's `noise` view).
-  Reducer: `PartHitCounts`.
-- purity: PIP-Net (Nauta et al. 2023): the 10 patches where a prototype is most present,
-  32-px boxes; purity is the share of them that contain the prototype's most frequent part,
-  with left/right parts merged. Reducer: `TopK`, then `purity`.
-- drift (ours): how much a prototype's evidence moves when the input is perturbed: the
-  overlap of its top-k patches between two views and the shift of its peak on the same images.
-  Reducer: `PatchStream` per view, then `view_drift`, `matched_overlap`, `drift_value`.
+Coordinates are continuous model-input pixels (pixel i spans [i, i + 1)); keypoints are
+[..., K, 3] (x, y, visible) as the store's ``parts_input``; maps are [..., H, W] on the
+token grid, cells row-major.
 
-The peak of a bilinearly upsampled map lies on a grid point, i.e. at the centre of the
-arg-max token cell, so peaks are computed on the token grid without upsampling.
-
-Shapes: similarity maps are [B, P, T] with row-major cells (T = H * W) unless a function
-says [N, P, H, W]; keypoints are [N, K, 3] (x, y, visible) in model-input pixels.
+- **consistency, stability**: Huang et al., arXiv 2212.05946, code hqhQAQ/EvalProtoPNet
+  (``util/eval_interpretability.py``). A prototype's map on an image is upsampled bicubically
+  to the input size (``align_corners=False``, what ``cv2.resize(INTER_CUBIC)`` does); its peak is
+  the arg-max pixel (first in row-major order). The region is the box of ±36 px (at 224 px)
+  around it, clipped at the border, compared in whole pixels: a visible part is in the region
+  when its pixel (``floor``) lies within the clipped bounds, bounds included. Per
+  (class, prototype of that class) pair over the class's images of the split: a part's
+  frequency is (images with the part in the region) / (images where it is visible, 1 if none);
+  the pair is consistent when one part reaches the threshold (0.8); consistency = the share of
+  consistent pairs. Stability of a pair = the share of the class's images whose set of parts
+  in the region is the same on the noise view; stability = the mean over pairs. Parts are
+  not merged. `bicubic_peaks`, `box_hits`, `consistency`, `stability`.
+- **purity**: PIP-Net, Nauta et al. 2023, code M-Nauta/PIPNet (``util/eval_cub_csv.py``,
+  ``get_topk_cub`` + ``eval_prototypes_cub_parts_csv``). Per prototype the 10 images with the
+  highest presence; in each, the arg-max cell of its map (ties: first column, then first row,
+  as ``torch.max`` over rows then columns); the 32-px patch (at 224 px) of that cell as PIP-Net
+  places it: cell j starts at ``j * skip``, ``skip = round((W - 32) / (grid_w - 1))``, and a
+  patch that would cross the border (and the last cell's) ends at the border. Per part,
+  left/right merged, over the top images where the part is visible: the share with the part in
+  the patch (bounds included); purity = the best part's share (0 when no part is visible).
+  Reported: the mean over the prototypes some class uses and how many exceed 0.5.
+  `TopImages`, `pipnet_peak_cells`, `pipnet_patch_centres`, `patch_hits`, `purity`.
+- **drift** (ours, no published protocol): see `view_drift`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -39,14 +49,14 @@ class MetricConfig:
     """Boxes, thresholds and top-k sizes of the interpretability metrics."""
 
     consistency_box: float = 72.0
-    """Side in px (at `reference_size` input) of the box around a prototype's peak for consistency and stability."""
+    """Side in px (at `reference_size` input) of the box around a prototype's peak (consistency, stability)."""
     consistency_threshold: float = 0.8
     """A (class, prototype) pair is consistent when one part is in its box in at least this share of the
     class's images where the part is visible."""
-    purity_box: float = 32.0
-    """Side in px (at `reference_size` input) of the patch around each top-k peak for purity."""
+    purity_patch: float = 32.0
+    """Side in px (at `reference_size` input) of the patch of each top image's peak cell (purity)."""
     purity_top_k: int = 10
-    """Patches per prototype (its most similar ones on the evaluated split) that purity looks at."""
+    """Images per prototype (highest presence on the evaluated split) that purity looks at."""
     drift_top_k: int = 10
     """Patches per prototype compared between views (or runs) for drift."""
     reference_size: int = 224
@@ -58,44 +68,7 @@ def scaled_box(size: float, input_size: tuple[int, int], cfg: MetricConfig) -> f
     return size * min(input_size) / cfg.reference_size
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
-def cell_centers(grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
-    """[T, 2] (x, y) pixel centres of the token cells, row-major."""
-    gh, gw = grid
-    h, w = input_size
-    ys, xs = np.meshgrid((np.arange(gh) + 0.5) * h / gh, (np.arange(gw) + 0.5) * w / gw, indexing="ij")
-    return np.stack([xs.ravel(), ys.ravel()], axis=1)
-
-
-def peak_locations(sim_maps: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
-    """sim_maps [N, P, H, W] -> [N, P, 2] (x, y) input pixels of each map's peak."""
-    n, p, gh, gw = sim_maps.shape
-    flat = sim_maps.reshape(n, p, gh * gw).argmax(-1)
-    return cell_centers((gh, gw), input_size)[flat]
-
-
-def box_around(centers: np.ndarray, size: float, input_size: tuple[int, int]) -> np.ndarray:
-    """[..., 4] boxes (x0, y0, x1, y1) of side `size` centred at `centers`, shifted to stay inside the image."""
-    h, w = input_size
-    x0 = np.clip(centers[..., 0] - size / 2, 0, max(w - size, 0))
-    y0 = np.clip(centers[..., 1] - size / 2, 0, max(h - size, 0))
-    return np.stack([x0, y0, x0 + size, y0 + size], axis=-1)
-
-
-def parts_in_boxes(boxes: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
-    """boxes [N, P, 4], keypoints [N, K, 3] (x, y, visible) -> [N, P, K] visible part inside box."""
-    x, y, vis = (keypoints[:, None, :, i] for i in range(3))
-    b = boxes[:, :, None, :]
-    return (vis > 0) & (x >= b[..., 0]) & (x <= b[..., 2]) & (y >= b[..., 1]) & (y <= b[..., 3])
-
-
-def prototype_part_hits(sim_maps: np.ndarray, keypoints: np.ndarray, input_size: tuple[int, int],
-                        box: float) -> np.ndarray:
-    """sim_maps [N, P, H, W] -> [N, P, K]: which visible parts fall in each prototype's peak box in each image."""
-    boxes = box_around(peak_locations(sim_maps, input_size), box, input_size)
-    return parts_in_boxes(boxes, keypoints)
+# ----------------------------------------------------------------------------- parts
 
 
 def merge_left_right(part_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -111,11 +84,181 @@ def merge_left_right(part_names: Sequence[str]) -> tuple[list[str], np.ndarray]:
 
 
 def merge_part_hits(hits: np.ndarray, merge_index: np.ndarray, num_merged: int) -> np.ndarray:
-    """[..., K] bool -> [..., K'] bool: a merged part is hit when any of its sides is."""
+    """[..., K] bool -> [..., K'] bool: a merged part is hit (or visible) when any of its sides is."""
     out = np.zeros(hits.shape[:-1] + (num_merged,), dtype=bool)
     for k, m in enumerate(merge_index):
         out[..., m] |= hits[..., k]
     return out
+
+
+# ----------------------------------------------------------------------------- consistency, stability
+
+
+def bicubic_peaks(maps: torch.Tensor | np.ndarray, input_size: tuple[int, int], chunk: int = 256) -> np.ndarray:
+    """maps [M, H, W] -> [M, 2] (x, y): centre of the arg-max pixel of each map upsampled bicubically
+    (align_corners=False) to input_size = (height, width); ties: the first pixel in row-major order."""
+    t = torch.as_tensor(maps).float()
+    h, w = int(input_size[0]), int(input_size[1])
+    out = np.empty((t.shape[0], 2), dtype=np.float64)
+    for lo in range(0, t.shape[0], chunk):
+        up = F.interpolate(t[lo:lo + chunk, None], size=(h, w), mode="bicubic", align_corners=False)
+        idx = up.flatten(1).argmax(1).cpu().numpy()
+        out[lo:lo + chunk, 0] = idx % w + 0.5
+        out[lo:lo + chunk, 1] = idx // w + 0.5
+    return out
+
+
+def box_hits(peaks: np.ndarray, keypoints: np.ndarray, box: float, input_size: tuple[int, int]) -> np.ndarray:
+    """peaks [R, 2], keypoints [R, K, 3] -> [R, K]: visible parts in the clipped box of side `box` around
+    each peak, compared in whole pixels as the reference does (part pixel floor(x) within
+    [max(0, floor(peak) - box/2), min(size, floor(peak) + box/2)], bounds included)."""
+    h, w = input_size
+    half = box / 2.0
+    px, py = np.floor(peaks[:, 0])[:, None], np.floor(peaks[:, 1])[:, None]
+    kx, ky = np.floor(keypoints[..., 0]), np.floor(keypoints[..., 1])
+    inside_x = (kx >= np.maximum(0, px - half)) & (kx <= np.minimum(w, px + half))
+    inside_y = (ky >= np.maximum(0, py - half)) & (ky <= np.minimum(h, py + half))
+    return (keypoints[..., 2] > 0) & inside_x & inside_y
+
+
+def _pairs(labels: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (class, prototype) pairs [Q, 2] and each row's pair index [R]."""
+    keys = np.stack([np.asarray(labels, dtype=np.int64), np.asarray(prototypes, dtype=np.int64)], axis=1)
+    if not len(keys):
+        return keys.reshape(0, 2), np.zeros(0, dtype=np.int64)
+    pairs, inverse = np.unique(keys, axis=0, return_inverse=True)
+    return pairs, inverse.reshape(-1)
+
+
+def consistency(labels: np.ndarray, prototypes: np.ndarray, hits: np.ndarray, visible: np.ndarray,
+                threshold: float = 0.8) -> dict:
+    """Rows = (image, prototype of its class): labels, prototypes [R], hits, visible [R, K] bool.
+    The share of (class, prototype) pairs with one part in the box in >= threshold of the class's
+    images where it is visible (the reference divides by 1 where a part is never visible)."""
+    pairs, inverse = _pairs(labels, prototypes)
+    k = hits.shape[-1] if hits.ndim == 2 else 0
+    hit_sum = np.zeros((len(pairs), k))
+    seen = np.zeros((len(pairs), k))
+    np.add.at(hit_sum, inverse, hits)
+    np.add.at(seen, inverse, visible)
+    freq = hit_sum / np.maximum(seen, 1)
+    best = freq.max(1) if k else np.zeros(len(pairs))
+    return {"value": float((best >= threshold).mean()) if len(pairs) else None, "pairs": int(len(pairs)),
+            "pairs_without_visible_parts": int((seen.sum(1) == 0).sum()),
+            "mean_best_part_frequency": float(best.mean()) if len(pairs) else None}
+
+
+def stability(labels: np.ndarray, prototypes: np.ndarray, hits: np.ndarray, noisy_hits: np.ndarray) -> dict:
+    """Rows as in `consistency`: per (class, prototype) pair the share of the class's images whose set
+    of parts in the box is unchanged on the noise view; the mean over pairs."""
+    pairs, inverse = _pairs(labels, prototypes)
+    same = np.zeros(len(pairs))
+    count = np.zeros(len(pairs))
+    np.add.at(same, inverse, (hits == noisy_hits).all(-1))
+    np.add.at(count, inverse, 1)
+    return {"value": float((same / count).mean()) if len(pairs) else None, "pairs": int(len(pairs))}
+
+
+# ----------------------------------------------------------------------------- purity
+
+
+class TopImages:
+    """Per prototype, the k images with the highest value (presence), with the cell of each image's peak.
+
+    Highest first, equal values by ascending row (pandas ``nlargest(keep="first")`` over the
+    split in row order, as PIP-Net ranks), so the result does not depend on the batching.
+    """
+
+    def __init__(self, num_prototypes: int, k: int):
+        self.k = k
+        self.values = np.zeros((num_prototypes, 0), dtype=np.float32)
+        self.rows = np.zeros((num_prototypes, 0), dtype=np.int64)
+        self.cells = np.zeros((num_prototypes, 0), dtype=np.int64)
+
+    def update(self, values: np.ndarray, cells: np.ndarray, rows: np.ndarray) -> None:
+        """values, cells [B, P] (presence and peak cell of each image); rows [B] the store rows."""
+        vals = np.concatenate([self.values, np.asarray(values, dtype=np.float32).T], axis=1)
+        cells = np.concatenate([self.cells, np.asarray(cells, dtype=np.int64).T], axis=1)
+        rows_all = np.concatenate([self.rows, np.broadcast_to(np.asarray(rows, dtype=np.int64)[None, :],
+                                                              (vals.shape[0], len(rows)))], axis=1)
+        order = np.lexsort((rows_all, -vals), axis=1)[:, :self.k]
+        self.values = np.take_along_axis(vals, order, 1)
+        self.rows = np.take_along_axis(rows_all, order, 1)
+        self.cells = np.take_along_axis(cells, order, 1)
+
+
+def pipnet_peak_cells(maps: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[..., H, W] -> [...] row-major index of the arg-max cell; ties: the first column, then the first row
+    (PIP-Net takes the max over rows per column, then the first column holding the largest)."""
+    t = torch.as_tensor(maps)
+    h, w = t.shape[-2:]
+    k = t.transpose(-1, -2).flatten(-2).argmax(-1).cpu().numpy()  # column-major order
+    return (k % h) * w + k // h
+
+
+def pipnet_patch_centres(cells: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int],
+                         patch: float) -> np.ndarray:
+    """[...] cells -> [..., 2] (x, y) centre PIP-Net gives the patch of each cell before moving it inside:
+    cell j -> j * skip + patch / 2, the last cell -> size - patch / 2, skip = round((size - patch) / (grid - 1))."""
+    cells = np.asarray(cells, dtype=np.int64)
+    out = []
+    for index, n, size in ((cells % grid[1], grid[1], input_size[1]), (cells // grid[1], grid[0], input_size[0])):
+        skip = round((size - patch) / (n - 1)) if n > 1 else 0
+        out.append(np.where(index == n - 1, size - patch / 2.0, index * skip + patch / 2.0))
+    return np.stack(out, axis=-1)
+
+
+def patch_hits(centres: np.ndarray, keypoints: np.ndarray, patch: float, input_size: tuple[int, int]) -> np.ndarray:
+    """centres [R, 2], keypoints [R, K, 3] -> [R, K]: visible parts inside the patch of side `patch` centred
+    at each centre and moved inside the image (PIP-Net's placement), bounds included."""
+    h, w = input_size
+    x0 = np.clip(centres[:, 0] - patch / 2.0, 0, max(w - patch, 0))[:, None]
+    y0 = np.clip(centres[:, 1] - patch / 2.0, 0, max(h - patch, 0))[:, None]
+    x, y = keypoints[..., 0], keypoints[..., 1]
+    return (keypoints[..., 2] > 0) & (x >= x0) & (x <= x0 + patch) & (y >= y0) & (y <= y0 + patch)
+
+
+def purity_per_prototype(prototypes: np.ndarray, centres: np.ndarray, keypoints: np.ndarray,
+                         part_names: Sequence[str], patch: float, input_size: tuple[int, int]
+                         ) -> dict[int, tuple[float, str | None]]:
+    """Rows = (prototype, one of its top images): prototypes [R], centres [R, 2], keypoints [R, K, 3].
+    prototype -> (purity, its best merged part or None when no part is visible in its top images)."""
+    merged, index = merge_left_right(part_names)
+    visible = merge_part_hits(keypoints[..., 2] > 0, index, len(merged))
+    hits = merge_part_hits(patch_hits(centres, keypoints, patch, input_size), index, len(merged))
+    out: dict[int, tuple[float, str | None]] = {}
+    prototypes = np.asarray(prototypes, dtype=np.int64)
+    for p in np.unique(prototypes).tolist():
+        sel = prototypes == p
+        seen, hit = visible[sel].sum(0), hits[sel].sum(0)
+        share = np.where(seen > 0, hit / np.maximum(seen, 1), -1.0)
+        if (seen == 0).all():
+            out[p] = (0.0, None)
+            continue
+        best = int(np.lexsort((np.arange(len(share)), -hit, -share))[0])  # highest share, then most hits
+        out[p] = (float(share[best]), merged[best])
+    return out
+
+
+def purity(prototypes: np.ndarray, centres: np.ndarray, keypoints: np.ndarray, part_names: Sequence[str],
+           patch: float, input_size: tuple[int, int]) -> dict:
+    """PIP-Net purity from the top-image rows (see `purity_per_prototype`): the mean over the prototypes
+    present in the rows, and how many have purity > 0.5."""
+    per = purity_per_prototype(prototypes, centres, keypoints, part_names, patch, input_size)
+    scores = np.array([v for v, _ in per.values()])
+    return {"value": float(scores.mean()) if len(scores) else None, "prototypes": len(scores),
+            "part_related": int((scores > 0.5).sum()), "merged_parts": merge_left_right(part_names)[0]}
+
+
+# ----------------------------------------------------------------------------- drift (ours)
+
+
+def cell_centers(grid: tuple[int, int], input_size: tuple[int, int]) -> np.ndarray:
+    """[T, 2] (x, y) pixel centres of the token cells, row-major."""
+    gh, gw = grid
+    h, w = input_size
+    ys, xs = np.meshgrid((np.arange(gh) + 0.5) * h / gh, (np.arange(gw) + 0.5) * w / gw, indexing="ij")
+    return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
 def mirror_maps(sims: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -124,76 +267,12 @@ def mirror_maps(sims: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(sims.reshape(b, p, *grid)[..., ::-1].reshape(b, p, -1))
 
 
-# ----------------------------------------------------------------------------- consistency, stability
-
-
-class PartHitCounts:
-    """Per-class counts behind consistency and stability (Huang et al.), fed batch by batch.
-
-    For each (class, prototype) it counts, per part, the class's images where the part is in the
-    prototype's peak box; per class the images where each part is visible; and, when a noisy view
-    is given, the images whose set of parts in the box is unchanged under the noise.
-    """
-
-    def __init__(self, num_classes: int, class_prototypes: Mapping[int, Sequence[int]]):
-        self.num_classes = num_classes
-        self.class_prototypes = class_prototypes
-        self.hits: np.ndarray | None = None  # [C, P, K]
-        self.visible: np.ndarray | None = None  # [C, K]
-        self.same: np.ndarray | None = None  # [C, P]
-        self.images = np.zeros(num_classes, dtype=np.int64)  # [C]
-
-    def update(self, hits: np.ndarray, visible: np.ndarray, labels: np.ndarray,
-               noisy_hits: np.ndarray | None = None) -> None:
-        """hits, noisy_hits [B, P, K] bool (see `prototype_part_hits`); visible [B, K] bool; labels [B]."""
-        if self.hits is None:
-            _, p, k = hits.shape
-            self.hits = np.zeros((self.num_classes, p, k), dtype=np.int64)
-            self.visible = np.zeros((self.num_classes, k), dtype=np.int64)
-        np.add.at(self.hits, labels, hits.astype(np.int64))
-        np.add.at(self.visible, labels, visible.astype(np.int64))
-        np.add.at(self.images, labels, 1)
-        if noisy_hits is not None:
-            if self.same is None:
-                self.same = np.zeros(self.hits.shape[:2], dtype=np.int64)
-            np.add.at(self.same, labels, (hits == noisy_hits).all(-1).astype(np.int64))
-
-    def consistency(self, threshold: float = 0.8) -> dict:
-        """Share of (class, prototype) pairs where one part is in the region in >= threshold of the
-        class's images in which that part is visible; classes with no visible part are skipped."""
-        scores, best = [], []
-        if self.hits is not None:
-            for c, protos in self.class_prototypes.items():
-                seen = self.visible[c]
-                if seen.sum() == 0:
-                    continue
-                for p in protos:
-                    freq = np.divide(self.hits[c, p], seen, out=np.zeros(len(seen)), where=seen > 0)
-                    best.append(float(freq.max()))
-                    scores.append(float(freq.max() >= threshold))
-        return {"value": float(np.mean(scores)) if scores else None, "pairs": len(scores),
-                "mean_best_part_frequency": float(np.mean(best)) if best else None}
-
-    def stability(self) -> dict:
-        """Mean over (class, prototype) pairs of the share of the class's images whose parts-in-region
-        set is unchanged under noise (needs `noisy_hits` in every update)."""
-        scores = []
-        if self.same is not None:
-            scores = [self.same[c, p] / self.images[c] for c, ps in self.class_prototypes.items()
-                      if self.images[c] for p in ps]
-        return {"value": float(np.mean(scores)) if scores else None, "pairs": len(scores)}
-
-
-# ----------------------------------------------------------------------------- top-k patches, purity
-
-
 class TopK:
-    """Running top-k (value, row, cell) per prototype over a stream of similarity maps.
+    """Running top-k (value, row, cell) per prototype over a stream of similarity maps [B, P, T].
 
-    Highest value first, equal values in (row, cell) order. Sized by the first batch.
-    Caveat: each batch first keeps its own k best (argpartition), so when values tie at a
-    batch's k-th place, which of the tied patches survive can depend on the batch size;
-    with distinct values the result does not depend on the batching.
+    Highest value first, equal values in (row, cell) order. Each batch first keeps its own k
+    best (argpartition), so with values tied at a batch's k-th place which tied patches survive
+    can depend on the batch size; with distinct values the result does not.
     """
 
     def __init__(self, k: int):
@@ -225,26 +304,6 @@ class TopK:
         return [set(zip(r.tolist(), c.tolist())) for r, c in zip(self.rows, self.cells)]
 
 
-def purity(topk: TopK, keypoints: np.ndarray, part_names: Sequence[str], grid: tuple[int, int],
-           input_size: tuple[int, int], box: float, prototypes: Sequence[int]) -> dict:
-    """PIP-Net purity: per prototype, the share of its top-k patches (boxes of side `box` around
-    their cells) that contain its most frequent part, left/right merged; the mean over `prototypes`.
-    keypoints [N, K, 3] indexed by the store rows `topk` recorded."""
-    merged, merge_index = merge_left_right(part_names)
-    centers = cell_centers(grid, input_size)
-    scores = []
-    for p in prototypes:
-        boxes = box_around(centers[topk.cells[p]], box, input_size)
-        hits = parts_in_boxes(boxes[:, None, :], keypoints[topk.rows[p]])[:, 0, :]
-        merged_hits = merge_part_hits(hits, merge_index, len(merged))
-        scores.append(float(merged_hits.sum(0).max() / max(len(boxes), 1)))
-    return {"value": float(np.mean(scores)) if scores else None, "prototypes": len(scores),
-            "top_k": topk.k, "merged_parts": merged}
-
-
-# ----------------------------------------------------------------------------- drift
-
-
 class PatchStream:
     """Top-k patches per prototype and each image's peak cell per prototype, over one view of a split."""
 
@@ -269,8 +328,14 @@ def topk_overlap(a: TopK, b: TopK) -> list[float]:
 
 
 def view_drift(clean: PatchStream, view: PatchStream, grid: tuple[int, int], input_size: tuple[int, int]) -> dict:
-    """Drift between two views of the same images: mean top-k overlap over prototypes, and the mean
-    peak shift (pixel distance between the peaks on the same image, over the image diagonal)."""
+    """Drift (ours, not a published protocol) between two views of the same images.
+
+    Each prototype's top-k (image, cell) patches by similarity on the drift split (k = 10),
+    once on the clean view and once on the other view (hflip maps mirrored back first):
+    ``topk_overlap`` = the mean over all prototypes of the share of the clean top-k patches that
+    are also in the other view's; ``peak_shift`` = the mean over prototypes and images of the
+    distance between the centres of the arg-max cells on the two views, over the image diagonal.
+    """
     centers = cell_centers(grid, input_size)
     diag = float(np.hypot(*input_size))
     overlap = topk_overlap(clean.topk, view.topk)
@@ -289,5 +354,6 @@ def matched_overlap(a: TopK, b: TopK) -> dict:
 
 
 def drift_value(overlaps: Sequence[float]) -> float:
-    """The headline drift: how much of a prototype's top-k evidence does not survive, 1 - mean overlap."""
+    """The headline drift: how much of a prototype's top-k evidence does not survive, 1 - mean overlap
+    (over the views and the compared run)."""
     return float(1.0 - np.mean(overlaps))

@@ -1,11 +1,15 @@
-"""Load a finished run folder back as a head: what evaluate, explain, ablate and predict read."""
+"""Load a finished run folder back as a head, and see its store split as the fit did:
+what evaluate, explain, ablate and predict read."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from protocache.stores import runs as run_files
+from protocache.stores.errors import ProtocacheError
 
 from .heads import Head, StoreInfo, create_head
 from .runtime import resolve_device
@@ -26,3 +30,48 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     head = create_head(config["head"], info, **config["head_config"])
     head.load_weights(run_files.load_tensors(Path(run_dir) / run_files.WEIGHTS))
     return Run(head.to(resolve_device(device)).eval(), config, metrics)
+
+
+def val_rows(run_dir: str | Path, config: dict[str, Any] | None = None) -> np.ndarray | None:
+    """The store rows of the run's validation split (sorted), or None when it had none
+    (val_fraction 0, or a run fitted before validation splits existed)."""
+    config = config if config is not None else run_files.read_json(Path(run_dir) / run_files.CONFIG)
+    validation = config.get("validation") or {}
+    name = validation.get("rows_file")
+    if not name:
+        return None
+    path = Path(run_dir) / name
+    if not path.exists():
+        raise ProtocacheError(f"{path} is missing: the run's validation rows are gone; refit the run "
+                              "(`protocache fit-head`)")
+    return np.load(path, allow_pickle=False)
+
+
+def run_splits(run_dir: str | Path, store: Any, config: dict[str, Any] | None = None) -> Any:
+    """`store` split as the run's fit saw it: "val" = the run's validation rows, "train" = the
+    train rows it fitted on, "test" unchanged. The store itself when nothing was carved."""
+    config = config if config is not None else run_files.read_json(Path(run_dir) / run_files.CONFIG)
+    if (config.get("validation") or {}).get("source") != "carved":
+        return store
+    rows = val_rows(run_dir, config)
+    return store if rows is None else with_val_rows(store, rows, f"{run_dir}: ")
+
+
+def with_val_rows(store: Any, rows: np.ndarray, where: str = "") -> Any:
+    """A view of `store` whose train rows `rows` form split "val" (the rest of train stays "train")."""
+    splits = np.asarray(store.metadata().column("split").to_pylist(), dtype=object)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(splits) or (splits[rows] != "train").any()):
+        raise ProtocacheError(f"{where}the validation rows are not train rows of {store.path}; "
+                              "was the run fitted on another store?")
+    splits[rows] = "val"
+    return store.with_splits(splits)
+
+
+def split_rows(run_dir: str | Path, store: Any, split: str) -> np.ndarray:
+    """Store rows of `split` ("train", "val", "test", ...) as the run's fit saw them."""
+    rows = run_splits(run_dir, store).split_rows(split)
+    if split == "val" and not len(rows):
+        raise ProtocacheError(f"{run_dir} has no validation split (fitted with val_fraction 0); "
+                              "refit with --val-fraction > 0 or evaluate --split test")
+    return rows

@@ -236,6 +236,19 @@ class FeatureStore:
             rows = rows[ok[rows]]
         return rows
 
+    def with_splits(self, splits: Sequence[str] | np.ndarray) -> "FeatureStore":
+        """A read-only view of this store whose metadata `split` column is `splits` (one name per
+        row), e.g. a validation split carved out of train; arrays and shards are shared, so
+        `split_rows`, `iter_batches` and every reader see the new splits. Nothing is written."""
+        table = self.metadata()
+        if len(splits) != table.num_rows:
+            raise ProtocacheError(f"{self.path}: {len(splits)} split names for {table.num_rows} rows")
+        column = pa.array([str(s) for s in splits], type=pa.string()).cast(table.schema.field("split").type)
+        view = FeatureStore(self.location, self.group, self.attrs)
+        view._metadata = table.set_column(table.column_names.index("split"), "split", column)
+        view._written = None if self._written is None else set(self._written)
+        return view
+
     def row_of(self, image_id: str) -> int:
         if self._row_of_id is None:
             ids = self.metadata().column("image_id").to_pylist()

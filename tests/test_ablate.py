@@ -1,4 +1,4 @@
-"""ablate: grid parsing, one read pass per group with the same weights as lone fits, resume."""
+"""ablate: grid parsing, one read pass per group with the same weights as lone fits, resume, choice by val."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from protocache.pipeline.ablate import AblateConfig, group_points, read_grid, run_ablate
+from protocache.pipeline.ablate import AblateConfig, AblatePoint, group_points, rank_by_val, read_grid, run_ablate
 from protocache.pipeline.fit import FitConfig, fit_head
 from protocache.stores import ProtocacheError
 from protocache.stores import runs
@@ -39,7 +39,7 @@ def test_grid_file_and_groups(tmp_path):
         read_grid(write_grid(tmp_path / "h.yaml", "head: protonet\n"))
 
 
-def test_one_read_pass_gives_each_head_its_lone_weights_and_resumes(store_path, tmp_path):
+def test_one_read_pass_gives_each_head_its_lone_weights_and_resumes(store_path, tmp_path, capsys):
     grid = write_grid(tmp_path / "g.yaml", "head: protoquant\ngrid:\n  codebook_size: [16, 24]\n  tau: [0.1, 0.2]\n"
                                            f"configs: []\nseeds: [3]\nfit:\n  threads: 1\n  shards_in_memory: 1\n")
     grid.write_text(grid.read_text().replace("configs: []\n", ""))
@@ -51,15 +51,27 @@ def test_one_read_pass_gives_each_head_its_lone_weights_and_resumes(store_path, 
     assert len(table) == 4 and (tmp_path / "sweep" / "summary.png").stat().st_size > 1000
     for row in table:
         assert 0 <= row["test_accuracy"] <= 1 and row["config.codebook_size"] in (16, 24)
+        assert 0 <= row["val_accuracy"] <= 1 and row["val_rank"] in (1, 2, 3, 4)
         # trained alone with the same seed and config: the very same bytes
         config = {k[len("config."):]: v for k, v in row.items() if k.startswith("config.")}
         alone = fit_head("protoquant", store_path, tmp_path / "alone" / row["run"], config,
                          FitConfig(seed=3, progress=False, threads=1, shards_in_memory=1))
         assert (Path(alone.run_dir) / runs.WEIGHTS).read_bytes() == \
             (tmp_path / "sweep" / row["run"] / runs.WEIGHTS).read_bytes()
-    # resumed: nothing left to train, same results
-    again = run_ablate(AblateConfig(store=str(store_path), grid_file=str(grid), out=str(tmp_path / "sweep")))
-    assert again["trained"] == 0 and again["skipped"] == 4
+    # one seed: the chosen config is the one with the best val accuracy, reported with its test accuracy
+    best = max(table, key=lambda r: r["val_accuracy"])
+    chosen = [r for r in table if r["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["val_accuracy"] == best["val_accuracy"] and chosen[0]["val_rank"] == 1
+    assert summary["chosen"]["val_accuracy"] == chosen[0]["val_accuracy"]
+    assert summary["chosen"]["test_accuracy"] == chosen[0]["test_accuracy"]
+    assert summary["chosen"]["runs"] == [chosen[0]["run"]]
+    # resumed (through the CLI): nothing left to train, same results, the chosen config printed last
+    from protocache.cli.main import main
+
+    main(["ablate", "--store", str(store_path), "--grid", str(grid), "--out", str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    assert "4 points: 0 trained in 0 read pass(es), 4 already finished" in out
+    assert out.strip().splitlines()[-1].endswith(f"its test accuracy {100 * chosen[0]['test_accuracy']:.2f}%")
     assert pq.read_table(tmp_path / "sweep" / "results.parquet").to_pylist() == table
 
 
@@ -72,6 +84,24 @@ def test_group_reads_each_batch_once(store_path, tmp_path):
     assert rows[0]["group_served"] == 3 * rows[0]["group_reads"] > 0
 
 
+def test_rank_by_val_picks_the_config_validation_prefers():
+    # config a: val 0.8 and 0.6 over two seeds (mean 0.7), test 0.9 and 0.9
+    # config b: val 0.75 and 0.75 (mean 0.75), test 0.5 and 0.6 (mean 0.55)
+    # config c: val 0.75 (mean 0.75, a tie with b: b is listed first and wins), test 1.0
+    points = [AblatePoint("linear", {"lr": lr}, s) for lr, seeds in ((1, (0, 1)), (2, (0, 1)), (3, (0,)))
+              for s in seeds]
+    rows = [{"run": f"r{i}", "val_accuracy": v, "test_accuracy": t}
+            for i, (v, t) in enumerate([(0.8, 0.9), (0.6, 0.9), (0.75, 0.5), (0.75, 0.6), (0.75, 1.0)])]
+    chosen = rank_by_val(points, rows)
+    assert chosen["config"] == {"lr": 2} and chosen["seeds"] == [0, 1] and chosen["runs"] == ["r2", "r3"]
+    assert chosen["val_accuracy"] == pytest.approx(0.75) and chosen["test_accuracy"] == pytest.approx(0.55)
+    assert [r["val_rank"] for r in rows] == [3, 3, 1, 1, 2]
+    assert [r["chosen"] for r in rows] == [False, False, True, True, False]
+    # no validation split anywhere (val_fraction 0): nothing is chosen, test is never used instead
+    rows = [{"run": "r", "val_accuracy": None, "test_accuracy": 0.9}]
+    assert rank_by_val(points[:1], rows) is None and rows[0]["chosen"] is False and rows[0]["val_rank"] is None
+
+
 @pytest.mark.slow
 def test_twelve_point_protoquant_sweep_on_digits(digits_lite0_store, tmp_path):
     grid = write_grid(tmp_path / "g.yaml", "head: protoquant\ngrid:\n  codebook_size: [30, 60]\n  tau: [0.1, 0.2]\n"
@@ -81,6 +111,8 @@ def test_twelve_point_protoquant_sweep_on_digits(digits_lite0_store, tmp_path):
     assert summary["points"] == 12 and summary["trained"] == 12 and summary["groups"] == 3
     table = pq.read_table(tmp_path / "s" / "results.parquet")
     assert table.num_rows == 12 and min(table.column("test_accuracy").to_pylist()) > 0.5  # chance is 0.1
+    assert sum(table.column("chosen").to_pylist()) == 3  # the val-chosen config, all three of its seeds
+    assert summary["chosen"]["seeds"] == [0, 1, 2] and summary["chosen"]["configs_ranked"] == 4
     assert (tmp_path / "s" / "summary.png").exists()
     again = run_ablate(AblateConfig(store=str(digits_lite0_store), grid_file=str(grid), out=str(tmp_path / "s")))
     assert again["trained"] == 0 and again["skipped"] == 12

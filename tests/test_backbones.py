@@ -28,6 +28,28 @@ def test_cnn_tokens_are_the_feature_map_row_major():
     assert boxes[0] == [0, 0, size / w, size / h] and boxes[-1][2:] == [size, size]
 
 
+def test_transform_is_timms_or_a_straight_resize():
+    """transform() is timm's eval transform bit for bit; transform("stretch") resizes a wide 300 x 100 image
+    straight to the 160 x 160 input (test_efficientnet's), so its left and right ends stay in the picture."""
+    import numpy as np
+    import timm
+    from PIL import Image
+
+    backbone = Backbone(BackboneConfig("test_efficientnet", weights="random", device="cpu", precision="fp32"))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, size=(100, 300, 3), dtype=np.uint8))
+    assert torch.equal(backbone.transform()(image),
+                       timm.data.create_transform(**backbone.data_config, is_training=False)(image))
+    wide = Image.new("RGB", (300, 100), (0, 0, 0))
+    wide.paste((255, 255, 255), (0, 0, 15, 100))  # a white band on the left 5% (timm's centre crop cuts it)
+    mean = torch.tensor(backbone.data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(backbone.data_config["std"]).view(3, 1, 1)
+    stretched = backbone.transform("stretch")(wide) * std + mean
+    assert stretched.shape == (3, 160, 160)
+    assert stretched[:, :, :7].min() > 0.9 and stretched[:, :, 9:].max() < 0.1  # 15 px x 160/300 = 8 px
+    assert backbone.transform()(wide).mul(std).add(mean).max() < 0.1
+
+
 def test_vit_drops_prefix_tokens_and_keeps_cls_as_pooled():
     backbone = Backbone(BackboneConfig("test_vit", weights="random", device="cpu", precision="fp32"))
     x = torch.randn(2, 3, *backbone.input_size[1:])

@@ -72,10 +72,12 @@ def test_cub_reads_every_annotation_exactly(tmp_path):
     assert second["bbox"] == [139.5, 30.0, 292.5, 294.0]
     assert second["crop_box"] == [139, 30, 293, 294]  # rounded outwards: the whole box is kept
     assert ds.options == {"crop": True}
+    assert ds.extract_defaults == {"resize": "stretch"}  # a box crop is resized straight to the input
     # the CUB folder itself works as the root; crop off drops the crop box
     same = create_dataset("cub", root=tmp_path / "CUB_200_2011", crop="false")
     assert [r["parts"] for r in same.records] == [r["parts"] for r in ds.records]
     assert all("crop_box" not in r for r in same.records)
+    assert same.extract_defaults == {}
     assert same.manifest_sha256() != ds.manifest_sha256()
     assert ds.load_image(0).size == (24, 16)
 
@@ -221,6 +223,42 @@ def test_extract_stores_annotations_in_input_pixels(birds, tmp_path):
     assert store.info()["num_images"] == 16
 
 
+def test_box_crop_keeps_every_part_in_the_model_input(tmp_path):
+    """`protocache make-dataset synthetic-birds` + `protocache extract` (cub, box crop, tiny random model):
+    every part visible and inside the box in the original image is visible in parts_input, beak, tail and
+    eyes included, because the box is resized straight to the input (`--resize auto` -> stretch)."""
+    from protocache.pipeline.geometry import input_space_annotations
+    from protocache.stores import FeatureStore
+
+    main(["make-dataset", "synthetic-birds", "--out", str(tmp_path / "birds"), "--classes", "4", "--per-class", "6",
+          "--seed", "7", "--image-size", "96"])
+    main(["extract", "--dataset", "cub", "--root", str(tmp_path / "birds"), "--backbone", "test_efficientnet",
+          "--weights", "random", "--out", str(tmp_path / "s.zarr"), "--threads", "1", "--num-workers", "0",
+          "--no-progress"])
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    config = store.fingerprint["preprocessing"]
+    assert config["resize"] == "stretch"
+    names = store.attrs["part_names"]
+    rows = store.metadata().to_pylist()
+    assert len(rows) == 24
+    shown = {name: 0 for name in names}
+    cut_by_timm = {name: 0 for name in names}
+    for row in rows:
+        x0, y0, x1, y1 = row["bbox"]
+        cx0, cy0, cx1, cy1 = row["crop_box"]
+        timm_rule = input_space_annotations(row, (cx1 - cx0, cy1 - cy0), {**config, "resize": "timm"})
+        for k, name in enumerate(names):
+            x, y, visible = row["parts"][k]
+            if visible and x0 <= x <= x1 and y0 <= y <= y1:
+                assert row["parts_input"][k][2] == 1, (row["image_id"], name, row["parts_input"][k])
+                shown[name] += 1
+                cut_by_timm[name] += 1 - timm_rule["parts_input"][k][2]
+    assert shown["beak"] == shown["tail"] == 24 and shown["left eye"] + shown["right eye"] == 24
+    assert min(shown["left eye"], shown["right eye"]) > 0
+    # the old rule (timm's resize + centre crop of the box) would have cut the ends of most birds
+    assert cut_by_timm["beak"] > 12 and cut_by_timm["tail"] > 12
+
+
 # ---------------------------------------------------------------------------- Stanford Cars
 CARS_FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
 
@@ -259,9 +297,10 @@ def test_cars_devkit_layout(tmp_path, in_devkit):
     assert ds.records[0]["bbox"] == [36.0, 116.0, 868.0, 587.0]
     assert ds.records[2]["class_name"] == "Acura RL Sedan 2012"
     assert ds.records[2]["path"] == str(tmp_path.resolve() / "cars_test/00001.jpg")
-    assert all("crop_box" not in r for r in ds.records)
+    assert all("crop_box" not in r for r in ds.records) and ds.extract_defaults == {}
     cropped = create_dataset("cars", root=tmp_path, crop=True)
     assert cropped.records[1]["crop_box"] == [39, 116, 569, 375]
+    assert cropped.extract_defaults == cropped.limit(1).extract_defaults == {"resize": "stretch"}
 
 
 def test_cars_errors(tmp_path):

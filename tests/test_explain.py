@@ -11,6 +11,7 @@ from pathlib import Path
 
 import markupsafe
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -22,7 +23,8 @@ from protocache.pipeline.datasets.synthetic_birds import make_synthetic_birds
 from protocache.pipeline.explain import ExplainConfig, ImageSource, choose_images, explain_run, reroot, used_prototypes
 from protocache.pipeline.extract import ExtractConfig, _load_cropped, run_extract
 from protocache.pipeline.fit import FitConfig, fit_head
-from protocache.pipeline.runs import load_run
+from protocache.pipeline.evaluate import EvaluateConfig, evaluate_run
+from protocache.pipeline.runs import load_run, run_splits
 from protocache.stores import FeatureStore, ProtocacheError
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -89,7 +91,6 @@ def test_choose_images_mixes_correct_and_wrong_and_is_seeded():
 def test_model_input_view_is_what_the_backbone_saw(digits_report, birds_report):
     """View -> timm normalisation == the extract path's tensor (crop_box and 8x8 upscaling included)."""
     backbone = Backbone(BackboneConfig("test_efficientnet", weights="random", device="cpu", precision="fp32"))
-    transform = backbone.transform()
     mean = torch.tensor(backbone.data_config["mean"])[:, None, None]
     std = torch.tensor(backbone.data_config["std"])[:, None, None]
     for report, rows, root in ((digits_report, [0, 41, 79], None), (birds_report, [0, 5, 17], "birds")):
@@ -97,6 +98,7 @@ def test_model_input_view_is_what_the_backbone_saw(digits_report, birds_report):
         source = ImageSource(store)
         root = str(report["out"].parent / root) if root else None
         dataset = create_dataset(store.fingerprint["dataset"], root)
+        transform = backbone.transform(store.fingerprint["preprocessing"].get("resize", "timm"))
         for row in rows:
             view = source.view(row)
             assert view.size == tuple(store.attrs["input_size"][1:][::-1])
@@ -120,15 +122,14 @@ def test_digits_report_files_and_gallery(digits_report):
     assert sorted(g["prototype"] for g in report["gallery"]) == used
     importance = [g["importance"] for g in report["gallery"]]
     assert importance == sorted(importance, reverse=True)
-    train_rows = store.split_rows("train")
+    train_rows = run_splits(digits_report["run"], store).split_rows("train")  # the rows the head was fitted on
     with torch.inference_mode():
-        maps = head.similarity_map(torch.from_numpy(store.read_rows("tokens", train_rows)).float())
-    best = maps.flatten(2).amax(2)  # [N, P]: each image's peak per prototype
+        presence = head.presence(torch.from_numpy(store.read_rows("tokens", train_rows)).float())  # [N, P]
     for g in report["gallery"][:5]:
         p = g["prototype"]
-        assert len(g["patches"]) == 5 and len({x["row"] for x in g["patches"]}) == 5  # five distinct images
-        top5 = torch.topk(best[:, p], 5).values.numpy()
-        assert np.allclose([x["value"] for x in g["patches"]], top5, atol=1e-5)
+        assert len(g["patches"]) == 10 and len({x["row"] for x in g["patches"]}) == 10  # purity's ten images
+        top10 = torch.topk(presence[:, p], 10).values.numpy()
+        assert np.allclose([x["value"] for x in g["patches"]], top10, atol=1e-5)
         for patch in g["patches"]:
             assert patch["row"] in set(train_rows.tolist())
             assert Image.open(out / patch["png"]).size == (128, 128)
@@ -156,7 +157,7 @@ def test_digits_report_files_and_gallery(digits_report):
                 plain = np.asarray(Image.open(out / item["view_png"]), np.int16)
                 assert np.abs(np.asarray(overlay, np.int16) - plain).mean() > 1  # the heatmap is drawn on it
                 assert e["patches"] == [x["png"] for g in report["gallery"] if g["prototype"] == e["prototype"]
-                                        for x in g["patches"]]
+                                        for x in g["patches"]][:5]  # the first --patches of them
 
     # every image on the page is a file of the report, linked relatively; nothing from the network
     srcs = _src_paths(page)
@@ -193,6 +194,29 @@ def test_birds_report_escapes_data_and_shows_negative_evidence(birds_report):
         assert (out / src).is_file()
 
 
+def test_gallery_shows_what_purity_scores_on_the_training_split(birds_report):
+    """The gallery's images and patches are the rows `evaluate --split train` writes to purity.parquet, and
+    the purity on the page is the number evaluate reports."""
+    report = json.loads((birds_report["out"] / "report.json").read_text())
+    run = birds_report["run"]
+    evaluated = evaluate_run(run, EvaluateConfig(split="train", confusion_png=False))
+    rows = pq.read_table(run / "eval-train" / "purity.parquet").to_pylist()
+    for g in report["gallery"]:
+        mine = [(x["image_id"], x["peak_x"], x["peak_y"], pytest.approx(x["value"], abs=1e-6)) for x in g["patches"]]
+        assert mine == [(r["image_id"], r["peak_x"], r["peak_y"], r["presence"]) for r in rows
+                        if r["prototype"] == g["prototype"]]
+        side = report["summary"]["purity_patch"]
+        for x in g["patches"]:  # the box drawn is the purity patch, moved inside the image
+            x0, y0, x1, y1 = x["patch_box"]
+            assert x1 - x0 == pytest.approx(side) and y1 - y0 == pytest.approx(side)
+            assert x0 >= 0 and y0 >= 0 and x1 <= 160 + 1e-9 and y1 <= 160 + 1e-9
+            assert x0 <= x["peak_x"] <= x1 and y0 <= x["peak_y"] <= y1
+        assert g["purity"] is not None and 0 <= g["purity"]["value"] <= 1
+    summary = report["summary"]["purity"]
+    assert summary["value"] == pytest.approx(evaluated["purity"]["value"], abs=1e-12)
+    assert summary["part_related"] == evaluated["purity"]["part_related"]
+
+
 def test_cli_explain_rewrites_a_report_and_refuses_other_folders(digits_report, tmp_path, capsys):
     out = tmp_path / "cli-report"
     cli_main(["explain", str(digits_report["run"]), "--out", str(out), "--images", "2", "--patches", "2",
@@ -213,8 +237,8 @@ def test_cli_explain_rewrites_a_report_and_refuses_other_folders(digits_report, 
         cli_main(["explain", str(digits_report["run"]), "--out", str(other)])
     assert exit_info.value.code == 2 and "not an explain report" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "keep me"
-    with pytest.raises(ProtocacheError, match="no split 'val'"):
-        explain_run(ExplainConfig(run=str(digits_report["run"]), out=str(tmp_path / "r2"), split="val"))
+    with pytest.raises(ProtocacheError, match="no split 'nope'"):
+        explain_run(ExplainConfig(run=str(digits_report["run"]), out=str(tmp_path / "r2"), split="nope"))
 
 
 def test_reroot_moves_paths_recorded_under_the_dataset_root():

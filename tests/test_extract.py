@@ -91,6 +91,84 @@ def test_other_fingerprint_is_refused(tmp_path):
     assert FeatureStore.open(tmp_path / "s.zarr").verify() == []
     run_extract(tiny_config(tmp_path, limit=30, overwrite=True))
     assert FeatureStore.open(tmp_path / "s.zarr").num_images == 30
+    # the resize rule is part of the preprocessing: digits (no box crop) default to timm's
+    assert FeatureStore.open(tmp_path / "s.zarr").fingerprint["preprocessing"]["resize"] == "timm"
+    with pytest.raises(ProtocacheError, match="preprocessing.resize"):
+        run_extract(tiny_config(tmp_path, limit=30, resize="stretch"))
+    with pytest.raises(ProtocacheError, match="bad --resize 'crop'"):
+        run_extract(tiny_config(tmp_path, "other.zarr", resize="crop"))
+
+
+# ---------------------------------------------------------------------------- the noise view
+def _grey_views(data_config: dict, image_ids=("grey-0",), size=(128, 96)):
+    """extract's own per-image step (_ImageViews) on constant grey images: clean and noise views, normalised."""
+    from PIL import Image
+
+    from protocache.pipeline.datasets import Dataset
+    from protocache.pipeline.extract import _ImageViews
+    from protocache.pipeline.transforms import ModelInputTransform
+
+    records = [{"image_id": i, "path": i, "label": 0, "split": "train"} for i in image_ids]
+    dataset = Dataset("grey", records, ["grey"], lambda record: Image.new("RGB", size, (128, 128, 128)))
+    source = _ImageViews(dataset, ModelInputTransform(data_config), ("clean", "noise"), 0.2)
+    return [source[k][1] for k in range(len(records))]
+
+
+GREY_CONFIGS = [  # ImageNet's normalisation, timm's 0.5/0.5 (tf_ models), and an odd one
+    dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    dict(mean=(0.1, 0.7, 0.3), std=(0.9, 0.3, 0.6)),
+]
+
+
+def test_noise_view_is_the_reference_noise_in_pixel_space_for_every_backbone():
+    """Huang et al.'s noise, N(0, 0.2^2) per element clipped to +-0.25 in ImageNet-normalised units, is in
+    [0, 1] pixel units N(0, (0.2 s_c)^2) clipped to +-0.25 s_c (s = ImageNet std (0.229, 0.224, 0.225)).
+
+    Hand computation of what a constant grey image must show (per channel, residual / s_c = clamp(0.2 Z, +-0.25),
+    i.e. 0.2 x clamp(Z, +-a) with a = 1.25):
+      P(|Z| > 1.25) = 2 (1 - 0.89435) = 0.2113   (share of draws sitting at the clip)
+      Var clamp(Z, +-a) = (2 Phi(a) - 1) - 2 a phi(a) + a^2 P(|Z| > a)
+                        = 0.78870 - 2 x 1.25 x 0.18265 + 1.5625 x 0.2113 = 0.6622, std 0.8138
+      so std(residual_c) = 0.2 x 0.8138 x s_c = 0.1628 s_c; median |residual_c| = 0.2 x 0.6745 s_c (the median
+      of |Z| lies inside the clip), so median / 0.6745 recovers the noise's sigma 0.2 s_c.
+    """
+    imagenet_std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    residuals = []
+    for norm in GREY_CONFIGS:
+        cfg = dict(input_size=(3, 96, 128), interpolation="bilinear", crop_pct=1.0, resize="stretch", **norm)
+        stacked, = _grey_views(cfg)
+        std = torch.tensor(norm["std"]).view(3, 1, 1)
+        residuals.append((stacked[1] - stacked[0]) * std)  # back in [0, 1] pixel units
+    for other in residuals[1:]:  # the same noise whatever the backbone's mean/std
+        assert torch.allclose(residuals[0], other, atol=2e-6)
+    unit = residuals[0] / imagenet_std  # in ImageNet-normalised units: the reference's perturbation
+    for c in range(3):
+        u = unit[c].flatten()
+        assert float(u.abs().max()) == pytest.approx(0.25, abs=1e-5)
+        assert float((u.abs() > 0.25 - 1e-5).float().mean()) == pytest.approx(0.2113, abs=0.015)
+        assert float(u.std()) == pytest.approx(0.2 * 0.8138, rel=0.03)
+        assert float(u.abs().median()) / 0.6745 == pytest.approx(0.2, rel=0.03)
+        sigma_c = float(residuals[0][c].abs().median()) / 0.6745  # 0.2 x ImageNet std of channel c
+        assert sigma_c == pytest.approx(0.2 * float(imagenet_std[c]), rel=0.03)
+    # seeded per image: the same image id gives the same noise, another id other noise
+    cfg = dict(input_size=(3, 32, 32), interpolation="bilinear", resize="stretch", **GREY_CONFIGS[0])
+    a, b, a_again = _grey_views(cfg, ("img-1", "img-2", "img-1"))
+    assert torch.equal(a, a_again) and not torch.equal(a[1], b[1])
+
+
+def test_noise_view_re_extracts_to_the_same_bytes_and_records_its_definition(tmp_path):
+    run_extract(tiny_config(tmp_path, "a.zarr", views=("clean", "noise"), limit=16))
+    run_extract(tiny_config(tmp_path, "b.zarr", views=("clean", "noise"), limit=16, num_workers=1))
+    assert store_bytes(tmp_path / "a.zarr") == store_bytes(tmp_path / "b.zarr")
+    store = FeatureStore.open(tmp_path / "a.zarr")
+    noise = store.fingerprint["noise"]
+    assert store.fingerprint["noise_sigma"] == 0.2 and noise["space"] == "pixel" and not noise["image_clipped"]
+    assert noise["sigma_pixels"] == pytest.approx([0.2 * 0.229, 0.2 * 0.224, 0.2 * 0.225])
+    assert noise["clip_pixels"] == pytest.approx([0.25 * 0.229, 0.25 * 0.224, 0.25 * 0.225])
+    assert store.attrs["noise_sigma_pixels"] == pytest.approx(noise["sigma_pixels"])
+    clean, noisy = store.read("tokens", 0, 16), store.read("tokens", 0, 16, view="noise")
+    assert not np.array_equal(clean, noisy)
 
 
 def test_bf16_tokens_match_fp32(tmp_path):
@@ -130,6 +208,7 @@ def test_cli_extract_info_verify(tmp_path):
     (["extract", "--dataset", "nope"], "unknown dataset 'nope'"),
     (["extract", "--backbone", "resnet_5O"], "unknown backbone 'resnet_5O'"),
     (["extract", "--views", "clean,blur"], "bad --views value"),
+    (["extract", "--resize", "squash"], "bad --resize 'squash'"),
     (["info", "/nonexistent/store.zarr"], "no feature store at"),
 ])
 def test_cli_errors_are_clear(tmp_path, args, message):

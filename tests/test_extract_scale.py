@@ -39,13 +39,12 @@ def test_views_noise_changes_tokens_and_is_repeatable(tmp_path):
     assert a.fingerprint["noise_sigma"] == 0.2
 
 
-def test_noise_view_is_clipped_gaussian_seeded_by_image():
+def test_views_are_seeded_by_image():
+    # (the noise's size and clipping in pixel space are pinned in test_extract.py)
     x = torch.zeros(3, 32, 32)
     n1 = make_view(x, "noise", "img-1")
     assert torch.equal(n1, make_view(x, "noise", "img-1"))
     assert not torch.equal(n1, make_view(x, "noise", "img-2"))
-    assert float(n1.abs().max()) <= 0.25 + 1e-7
-    assert 0.15 < float(n1.std()) < 0.2  # sigma 0.2 before clipping at +-0.25
     assert torch.equal(make_view(torch.arange(4.0).reshape(1, 1, 4), "hflip", "i"),
                        torch.tensor([[[3.0, 2.0, 1.0, 0.0]]]))
 

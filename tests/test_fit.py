@@ -1,4 +1,4 @@
-"""fit-head on a small real store: run folder, metrics, determinism, refusals, push, CLI."""
+"""fit-head on a small real store: run folder, metrics, validation split, determinism, refusals, push, CLI."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from fit_helpers import QUICK, quick_fit
 def test_fit_writes_a_complete_run(name, store_path, tmp_path):
     result = quick_fit(name, store_path, tmp_path / "run")
     run = Path(result.run_dir)
-    assert sorted(p.name for p in run.iterdir()) == sorted(runs.RUN_FILES)
+    assert sorted(p.name for p in run.iterdir()) == sorted(runs.RUN_FILES + (F.VAL_ROWS,))
     config = json.loads((run / "config.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert config["head"] == name
@@ -33,10 +33,23 @@ def test_fit_writes_a_complete_run(name, store_path, tmp_path):
     assert all(v is not None for v in config["head_config"].values())  # resolved, nothing left to "auto"
     for key in QUICK[name]:
         assert config["head_config"][key] == QUICK[name][key]
-    assert config["fit"]["seed"] == 0
-    for key in ("train_accuracy", "test_accuracy"):
+    assert config["fit"]["seed"] == 0 and config["fit"]["val_fraction"] == 0.1
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["num_test"] == len(FeatureStore.open(store_path).split_rows("test"))
+    store = FeatureStore.open(store_path)
+    assert metrics["num_test"] == len(store.split_rows("test"))
+    # 97 train images, 10% held out: ceil(9.7) = 10 in val, 87 left to fit on
+    assert (metrics["num_val"], metrics["num_train"]) == (10, 87) == (config["validation"]["num_val"],
+                                                                      config["validation"]["num_train"])
+    # figures recorded while fitting come from val, never from test
+    assert not [k for k in metrics if k.startswith("test_") and k != "test_accuracy"]
+    if name == "protoquant":
+        assert 0 <= metrics["val_accuracy_dense"] <= 1
+        assert metrics["kmeans"]["rows_read"] == 87  # the k-means sample never saw a val (or test) image
+    if name == "protopool":
+        assert 0 <= metrics["val_accuracy_before_push"] <= 1
+        val = set(np.load(run / F.VAL_ROWS).tolist())
+        assert not val & {s["row"] for s in metrics["prototype_sources"]}  # pushed onto train tokens only
     assert isinstance(metrics["prototype_count"], int) and metrics["prototype_count"] > 0
     assert metrics["seconds"] > 0
     assert metrics["loss_curve"] and all(np.isfinite(e["loss"]) for e in metrics["loss_curve"])
@@ -48,7 +61,6 @@ def test_fit_writes_a_complete_run(name, store_path, tmp_path):
     assert cfg == config and met == metrics
     assert head.prototype_count == metrics["prototype_count"]
     # the loaded head reproduces the recorded test accuracy
-    store = FeatureStore.open(store_path)
     source = F.StoreSplit(store, "test", F.head_fields(head))
     assert F.accuracy(head, source, torch.device("cpu")) == pytest.approx(metrics["test_accuracy"])
 
@@ -120,22 +132,30 @@ def test_cli_fit_head_and_bench(store_path, tmp_path, capsys):
     cfg.write_text("codebook_size: 24\nprune_to: 0\ncodebook_epochs: 1\nfit:\n  seed: 3\n")
     run = tmp_path / "run"
     main(["fit-head", "protoquant", "--store", str(store_path), "--out", str(run), "--config", str(cfg),
-          "--set", "finetune_epochs=1", "--set", "kmeans_iters=5", "--epochs", "1", "--no-progress", "--json"])
+          "--set", "finetune_epochs=1", "--set", "kmeans_iters=5", "--epochs", "1", "--no-progress", "--json",
+          "--val-fraction", "0.2"])
     out = json.loads(capsys.readouterr().out)
-    assert 0 <= out["test_accuracy"] <= 1
+    assert 0 <= out["test_accuracy"] <= 1 and 0 <= out["val_accuracy"] <= 1
     config = json.loads((run / "config.json").read_text())
     assert config["fit"]["seed"] == 3 and config["head_config"]["codebook_size"] == 24
+    assert config["fit"]["val_fraction"] == 0.2 and config["validation"]["num_val"] == 20  # ceil(0.2 * 97)
     assert config["head_config"]["epochs"] == 1 and config["head_config"]["prune_to"] == 0
     with pytest.raises(SystemExit) as exit_info:
         main(["fit-head", "protoquant", "--store", str(store_path), "--out", str(tmp_path / "x"),
               "--set", "codebok_size=3", "--no-progress"])
     assert exit_info.value.code == 2
     assert "valid keys: codebook_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit-head", "linear", "--store", str(store_path), "--out", str(tmp_path / "y"), "--val-fraction", "1",
+              "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "error: val_fraction must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
     main(["heads"])
     assert capsys.readouterr().out.split()[0] == "linear"
     main(["bench-heads", "--store", str(store_path), "--heads", "linear,infodisent", "--epochs", "1"])
     table = capsys.readouterr().out
-    assert "linear" in table and "infodisent" in table and "vs probe" in table
+    assert "linear" in table and "infodisent" in table and "vs probe" in table and "val acc" in table
 
 
 def test_bench_rows_and_table(store_path):
@@ -145,5 +165,115 @@ def test_bench_rows_and_table(store_path):
     assert probe["gap_to_probe_points"] == 0.0
     assert info["gap_to_probe_points"] == pytest.approx(100 * (info["test_accuracy"] - probe["test_accuracy"]), abs=0.01)
     assert info["prototype_count"] == 256 and info["fit_seconds"] > 0
+    assert all(0 <= r["val_accuracy"] <= 1 for r in rows)
     text = format_table(rows)
-    assert text.splitlines()[0].split()[:2] == ["head", "test"]
+    assert text.splitlines()[0].split()[:5] == ["head", "val", "acc", "test", "acc"]
+    assert f"{100 * info['val_accuracy']:.2f}%" in text.splitlines()[3]
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def test_carve_validation_is_stratified_seeded_and_reproducible():
+    # 20 train rows (store rows 100..119), classes 0 and 1 with 10 images each, fraction 0.2:
+    # ceil(0.2 * 20) = 4 held out, in proportion 10:10 -> 2 of each class
+    rows = np.arange(100, 120)
+    labels = np.array([0] * 10 + [1] * 10)
+    val, notes = F.carve_validation(rows, labels, 0.2, seed=0)
+    assert notes == [] and len(val) == 4 and list(val) == sorted(val)
+    assert set(val) <= set(rows.tolist())
+    assert sorted(np.bincount(labels[val - 100]).tolist()) == [2, 2]
+    np.testing.assert_array_equal(val, F.carve_validation(rows, labels, 0.2, seed=0)[0])  # same seed, same rows
+    others = {tuple(F.carve_validation(rows, labels, 0.2, seed=s)[0]) for s in range(1, 4)}
+    assert len(others | {tuple(val)}) > 1  # the seed picks the rows
+    assert F.carve_validation(rows, labels, 0.0, seed=0)[0].size == 0
+
+
+def test_carve_validation_falls_back_when_classes_are_too_small():
+    # a class with one image cannot be in train and val: it stays in train; the other 20
+    # rows split as above (4 held out, 2 per class)
+    rows = np.arange(21)
+    labels = np.array([0] * 10 + [1] * 10 + [2])
+    val, notes = F.carve_validation(rows, labels, 0.2, seed=0)
+    assert 20 not in val and len(val) == 4 and "[2] have a single train image" in notes[0]
+    # 10 classes of 2 images, fraction 0.1: ceil(0.1 * 20) = 2 held out < 10 classes, so no
+    # stratified split exists; 2 rows are drawn uniformly instead, and the log says so
+    labels = np.repeat(np.arange(10), 2)
+    val, notes = F.carve_validation(np.arange(20), labels, 0.1, seed=0)
+    assert len(val) == 2 and "no stratified split possible" in notes[0]
+    with pytest.raises(ProtocacheError, match="every class has a single train image; pass --val-fraction 0"):
+        F.carve_validation(np.arange(3), np.arange(3), 0.5, seed=0)
+    with pytest.raises(ProtocacheError, match=r"val_fraction must be in \[0, 1\)"):
+        F.check_val_fraction(-0.1)
+
+
+def test_fit_carves_val_from_train_only(store_path, tmp_path):
+    store = FeatureStore.open(store_path)
+    train, test, labels = store.split_rows("train"), store.split_rows("test"), store.labels()
+    a = quick_fit("linear", store_path, tmp_path / "a", seed=4)
+    val = np.load(Path(a.run_dir) / F.VAL_ROWS)
+    assert a.config["validation"] == {"fraction": 0.1, "seed": 4, "source": "carved", "num_val": 10,
+                                      "num_train": 87, "rows_file": F.VAL_ROWS, "notes": []}
+    assert len(val) == 10 and set(val) <= set(train) and not set(val) & set(test)
+    # stratified: each class's val count is its share of the 10, within one image
+    for c in range(10):
+        n_c = int((labels[train] == c).sum())
+        assert abs(int((labels[val] == c).sum()) - 10 * n_c / len(train)) < 1
+    # the recipe's sources: "train" serves the other rows, "val" the carved ones
+    view = F.store_with_validation(store, F.validation_split(store, 0.1, seed=4))
+    served = lambda split: sorted(int(r) for b in F.StoreSplit(view, split, ("row",)).batches(64) for r in b["row"])
+    assert served("val") == sorted(val.tolist())
+    assert served("train") == sorted(set(train.tolist()) - set(val.tolist()))
+    assert served("test") == sorted(test.tolist())
+    # the same seed carves the same rows; another seed other rows
+    b = quick_fit("linear", store_path, tmp_path / "b", seed=4)
+    np.testing.assert_array_equal(val, np.load(Path(b.run_dir) / F.VAL_ROWS))
+    c = quick_fit("linear", store_path, tmp_path / "c", seed=5)
+    assert not np.array_equal(val, np.load(Path(c.run_dir) / F.VAL_ROWS))
+
+
+@pytest.mark.parametrize("name", ["protoquant", "protopool"])
+def test_val_fraction_zero_is_the_old_code_path(name, store_path, tmp_path):
+    """val_fraction=0 changes nothing: the fit's weights are those of the loop as it was before
+    validation splits existed (the whole train split, the store as it is)."""
+    from dataclasses import asdict
+
+    from protocache.pipeline.heads import head_class, resolve_config, store_info
+    from protocache.pipeline.runtime import pin_threads, seed_everything
+
+    result = quick_fit(name, store_path, tmp_path / "run", seed=2, val_fraction=0)
+    m = result.metrics
+    assert m["val_accuracy"] is None and m["num_val"] == 0 and m["num_train"] == 97
+    assert result.config["validation"]["source"] == "none"
+    assert not (Path(result.run_dir) / F.VAL_ROWS).exists()
+    assert m.get("val_accuracy_dense", None) is None and m.get("val_accuracy_before_push", None) is None
+    # the old fit: the recipe on the raw store, no validation, same seed and threads
+    store = FeatureStore.open(store_path)
+    info = store_info(store)
+    fit = F.FitConfig(seed=2, progress=False, threads=1, val_fraction=0)
+    pin_threads(1)
+    seed_everything(2)
+    head = head_class(name)(info, resolve_config(name, info, QUICK[name]))
+    head.train()
+    head.fit(F.FitContext(store, info, fit, torch.device("cpu"), lambda _: None))
+    old = head.state_dict()
+    new = runs.load_tensors(Path(result.run_dir) / runs.WEIGHTS)
+    assert old.keys() == new.keys()
+    for key in old:
+        assert torch.equal(old[key].float().cpu(), new[key].float()), key
+    assert asdict(head.config) == result.config["head_config"]
+
+
+def test_a_store_with_its_own_val_split_keeps_it(store_path, tmp_path):
+    # a store whose manifest already has a "val" split (a folder tree with val/ folders):
+    # here the first 12 train rows; nothing more is carved from train
+    store = FeatureStore.open(store_path)
+    splits = np.asarray(store.metadata().column("split").to_pylist(), dtype=object)
+    own = store.split_rows("train")[:12]
+    splits[own] = "val"
+    result = F.fit_head("linear", store_path, tmp_path / "run", QUICK["linear"],
+                        F.FitConfig(progress=False, threads=1), store=store.with_splits(splits))
+    assert result.config["validation"]["source"] == "store"
+    assert (result.metrics["num_train"], result.metrics["num_val"]) == (97 - 12, 12)
+    np.testing.assert_array_equal(np.load(Path(result.run_dir) / F.VAL_ROWS), own)
+    assert "the store has its own val split (12 images)" in (Path(result.run_dir) / "log.txt").read_text()

@@ -1,14 +1,17 @@
-"""Annotation geometry against timm's real eval transform: a dot drawn at a known place must land
-where `input_space_annotations` says it does."""
+"""Annotation geometry against the real transforms (timm's eval transform, and the stretch resize of
+bounding-box crops): a dot drawn at a known place must land where `input_space_annotations` says it does."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 
-from protocache.pipeline.geometry import eval_transform_geometry, input_space_annotations, point_to_token
+from protocache.pipeline.geometry import (eval_transform_geometry, input_geometry, input_space_annotations,
+                                          point_to_token)
+from protocache.pipeline.transforms import ModelInputTransform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -31,7 +34,12 @@ CONFIGS = {
                    crop_mode="border"),
     "trim_border": dict(input_size=(3, 128, 128), interpolation="bilinear", mean=MEAN, std=STD, crop_pct=0.95,
                         crop_mode="center", crop_border_pixels=6),
+    # box crops: resized straight to the input (extract's `stretch` rule), whatever crop_pct/crop_mode say
+    "stretch": {**lite0_config(), "resize": "stretch"},
+    "stretch_nonsquare": dict(input_size=(3, 192, 256), interpolation="bilinear", mean=MEAN, std=STD, crop_pct=0.9,
+                              crop_mode="center", resize="stretch"),
 }
+TIMM_CONFIGS = {k: v for k, v in CONFIGS.items() if "resize" not in v}
 SIZES = [(301, 200), (190, 317), (97, 61)]  # landscape, portrait, small (upscaled)
 
 
@@ -43,9 +51,16 @@ def dot_image(size: tuple[int, int], x: float, y: float, sigma: float = 1.0) -> 
     return Image.fromarray(np.round(255 * dot).astype(np.uint8)).convert("RGB")
 
 
+def real_transform(cfg: dict):
+    """The transform extract runs: timm's own eval transform, or ours for the stretch rule."""
+    if cfg.get("resize") == "stretch":
+        return ModelInputTransform(cfg)
+    return timm.data.create_transform(**cfg, is_training=False)
+
+
 def dot_centre(image: Image.Image, cfg: dict) -> tuple[float, float]:
-    """Intensity-weighted centre of the dot after timm's eval transform, in model-input pixels."""
-    transform = timm.data.create_transform(**cfg, is_training=False)
+    """Intensity-weighted centre of the dot after the real transform, in model-input pixels."""
+    transform = real_transform(cfg)
     x = transform(image)[0].numpy()
     assert x.shape == tuple(cfg["input_size"][1:])
     background = transform(Image.new("RGB", image.size))[0].numpy()  # black, plus any padding timm adds
@@ -61,7 +76,7 @@ def dot_centre(image: Image.Image, cfg: dict) -> tuple[float, float]:
 def test_points_land_where_timm_puts_them(name, size):
     cfg = CONFIGS[name]
     w, h = size
-    geometry = eval_transform_geometry(size, cfg)
+    geometry = input_geometry(size, cfg)
     assert (geometry.height, geometry.width) == tuple(cfg["input_size"][1:])
     checked = 0
     for fx, fy in [(0.5, 0.5), (0.3, 0.6), (0.62, 0.35), (0.2, 0.25), (0.8, 0.8)]:
@@ -93,10 +108,54 @@ def test_parts_outside_the_center_crop_become_invisible(name):
     assert x.max() == pytest.approx((0 - cfg["mean"][0]) / cfg["std"][0], abs=1e-3)
 
 
+def test_stretch_keeps_every_part_of_a_wide_box():
+    """The same wide image as above under the stretch rule: nothing is cut.
+
+    Hand computation: 400 x 200 -> 224 x 224 gives scale_x = 224 / 400 = 0.56, scale_y = 224 / 200 = 1.12,
+    no offset; (5, 100) -> (2.8, 112), (200, 100) -> (112, 112), (395, 100) -> (221.2, 112); the box
+    [0, 20, 400, 180] -> [0, 22.4, 224, 201.6].
+    """
+    cfg = CONFIGS["stretch"]
+    record = {"parts": [[5.0, 100.0, 1], [200.0, 100.0, 1], [395.0, 100.0, 1], [200.0, 100.0, 0]],
+              "bbox": [0.0, 20.0, 400.0, 180.0]}
+    out = input_space_annotations(record, (400, 200), cfg)
+    assert [v for _, _, v in out["parts_input"]] == [1, 1, 1, 0]
+    assert [p[:2] for p in out["parts_input"][:3]] == [pytest.approx(p) for p in ([2.8, 112], [112, 112],
+                                                                                  [221.2, 112])]
+    assert out["bbox_input"] == pytest.approx([0.0, 22.4, 224.0, 201.6])
+    # and the dot at the left end really is on the input
+    cx, cy = dot_centre(dot_image((400, 200), 5.0, 100.0, sigma=2.0), cfg)
+    assert abs(cx - 2.8) < 0.75 and abs(cy - 112) < 0.75
+    # non-square input 192 x 256 (h x w): scale_x = 256 / 400 = 0.64, scale_y = 192 / 200 = 0.96
+    geometry = input_geometry((400, 200), CONFIGS["stretch_nonsquare"])
+    assert geometry.map_point(395.0, 100.0) == pytest.approx((252.8, 96.0))
+
+
+def test_timm_rule_is_the_default_and_unknown_rules_fail():
+    lite0 = CONFIGS["lite0"]
+    assert input_geometry((400, 200), lite0) == eval_transform_geometry((400, 200), lite0)
+    assert input_geometry((400, 200), {**lite0, "resize": "timm"}) == eval_transform_geometry((400, 200), lite0)
+    with pytest.raises(Exception, match="unknown resize rule 'squish'"):
+        input_geometry((400, 200), {**lite0, "resize": "squish"})
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_CONFIGS))
+def test_timm_rule_through_our_steps_is_timms_transform_bit_for_bit(name):
+    """extract runs geometry -> [0, 1] pixels -> view -> normalise; for the clean view under the timm
+    rule that is exactly timm's own eval transform (border pad fill included)."""
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(0)
+    for size in SIZES:
+        image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+        ours = ModelInputTransform({**cfg, "resize": "timm"})(image)
+        assert torch.equal(ours, timm.data.create_transform(**cfg, is_training=False)(image)), (name, size)
+
+
+@pytest.mark.parametrize("name", ["lite0", "stretch"])
 @pytest.mark.parametrize("crop_box", [[40, 15, 260, 190], [-20, -10, 330, 230]])
-def test_crop_box_moves_annotations_like_extract(crop_box):
+def test_crop_box_moves_annotations_like_extract(crop_box, name):
     """extract crops with PIL (padding outside the image), then transforms: annotations follow."""
-    cfg = CONFIGS["lite0"]
+    cfg = CONFIGS[name]
     size = (301, 200)
     for px, py in [(150.0, 100.0), (120.5, 80.0), (200.0, 130.0)]:
         record = {"crop_box": crop_box, "parts": [[px, py, 1]]}
@@ -113,7 +172,7 @@ def test_no_annotations_no_columns():
 
 def test_resize_rounding_matches_timm():
     """Sizes where truncation and rounding differ: the resized size matches timm's pipeline."""
-    for cfg in CONFIGS.values():
+    for cfg in TIMM_CONFIGS.values():
         for size in [(333, 251), (251, 333), (500, 167), (224, 224), (1000, 999)]:
             tf = timm.data.create_transform(**{**cfg, "normalize": False}, is_training=False)
             resize = [t for t in tf.transforms if "Resize" in type(t).__name__][0]
@@ -141,3 +200,22 @@ def test_point_to_token_matches_token_boxes():
     # non-square grids and arrays
     np.testing.assert_array_equal(point_to_token(np.array([0.0, 100.0]), np.array([0.0, 50.0]), (3, 96, 128), (6, 8)),
                                   [0, 3 * 8 + 6])
+
+
+@pytest.mark.parametrize("name", ["lite0", "border", "stretch", "stretch_nonsquare"])
+def test_report_view_is_what_extract_fed_the_backbone(name):
+    """explain's model_input_view (crop_box crop, the store's resize rule) is, up to its 8-bit rounding, the
+    pixel image extract normalises for the backbone: the report's images line up with the tokens."""
+    from protocache.pipeline.explain.images import model_input_view
+
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, size=(200, 301, 3), dtype=np.uint8))
+    crop_box = [40, 15, 260, 190]
+    view = model_input_view(image, cfg, crop_box)
+    assert view.size == tuple(cfg["input_size"][1:][::-1])
+    mine = torch.from_numpy(np.asarray(view, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    transform = ModelInputTransform(cfg)
+    pixels = transform.pixels(image.crop(tuple(crop_box)))
+    assert (mine - pixels.clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6  # the view is stored as 8-bit RGB
+    assert torch.equal(transform.normalize(pixels), transform(image.crop(tuple(crop_box))))

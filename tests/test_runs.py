@@ -1,9 +1,11 @@
-"""Loading a finished run folder back as a head (what evaluate, explain and ablate read)."""
+"""Loading a finished run folder back as a head, and its splits (what evaluate, explain and ablate read)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,3 +42,34 @@ def test_an_unfinished_run_is_a_clear_error(store_path, tmp_path):
         load_run(result.run_dir)
     with pytest.raises(ProtocacheError, match="is not a finished run"):
         load_run(tmp_path / "nowhere")
+
+
+def test_evaluate_split_val_measures_the_fit_s_val_rows(store_path, tmp_path, capsys):
+    from protocache.cli.main import main
+    from protocache.pipeline.evaluate import EvaluateConfig, evaluate_run
+    from protocache.pipeline.fit import VAL_ROWS
+    from protocache.pipeline.runs import split_rows
+
+    result = quick_fit("linear", store_path, tmp_path / "run", seed=1)
+    store = FeatureStore.open(store_path)
+    val = np.load(Path(result.run_dir) / VAL_ROWS)
+    np.testing.assert_array_equal(split_rows(result.run_dir, store, "val"), val)
+    assert sorted(split_rows(result.run_dir, store, "train").tolist()) == \
+        sorted(set(store.split_rows("train").tolist()) - set(val.tolist()))
+    np.testing.assert_array_equal(split_rows(result.run_dir, store, "test"), store.split_rows("test"))
+    m = result.metrics
+    for split in ("val", "train", "test"):
+        res = evaluate_run(result.run_dir, EvaluateConfig(split=split, device="cpu", confusion_png=False))
+        assert res["top1"] == pytest.approx(m[f"{split}_accuracy"]) and res["num_images"] == m[f"num_{split}"]
+    main(["evaluate", result.run_dir, "--split", "val", "--device", "cpu", "--json"])
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(m["val_accuracy"])
+
+
+def test_a_run_without_validation_has_no_val_rows(store_path, tmp_path):
+    from protocache.pipeline.runs import split_rows
+
+    result = quick_fit("linear", store_path, tmp_path / "run", val_fraction=0)
+    store = FeatureStore.open(store_path)
+    with pytest.raises(ProtocacheError, match="no validation split"):
+        split_rows(result.run_dir, store, "val")
+    np.testing.assert_array_equal(split_rows(result.run_dir, store, "train"), store.split_rows("train"))

@@ -35,7 +35,8 @@ class Dataset:
     class_names: list[str]
     image_loader: ImageLoader
     options: dict[str, Any] = field(default_factory=dict)
-    # Recommended extraction settings for this dataset (e.g. input size); CLI flags win.
+    # Recommended extraction settings for this dataset; CLI flags win. {"resize": "stretch"}: the
+    # records are cropped to a bounding box, which `--resize auto` resizes straight to the input.
     extract_defaults: dict[str, Any] = field(default_factory=dict)
     # Names of annotated parts, in the order of each record's `parts` list (empty: no parts).
     part_names: list[str] = field(default_factory=list)

@@ -43,7 +43,8 @@ def build_cars(root: Path | None = None, **options: Any) -> Dataset:
     `root` holds ``devkit/`` (cars_train_annos.mat, cars_meta.mat), ``cars_train/``,
     ``cars_test/`` and ``cars_test_annos_withlabels.mat`` (in devkit/ or the root). Records
     carry the car's ``bbox`` [x1, y1, x2, y2] as given by the devkit; option ``crop``
-    (default False) crops to it.
+    (default False) crops to it, and extract then resizes the crop straight to the model
+    input (``--resize auto`` picks ``stretch``).
     """
     check_options("cars", options, CarsOptions.__dataclass_fields__)
     opts = CarsOptions(crop=as_bool(options.get("crop", False), "crop"))
@@ -72,4 +73,6 @@ def build_cars(root: Path | None = None, **options: Any) -> Dataset:
             if opts.crop:
                 record["crop_box"] = [math.floor(bbox[0]), math.floor(bbox[1]), math.ceil(bbox[2]), math.ceil(bbox[3])]
             records.append(record)
-    return Dataset("cars", records, class_names, load_image, options={"crop": opts.crop})
+    # A box crop is resized straight to the model input (no centre crop): the whole car stays in it.
+    defaults = {"resize": "stretch"} if opts.crop else {}
+    return Dataset("cars", records, class_names, load_image, options={"crop": opts.crop}, extract_defaults=defaults)

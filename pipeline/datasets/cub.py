@@ -49,7 +49,9 @@ def build_cub(root: Path | None = None, **options: Any) -> Dataset:
 
     `root` is the CUB_200_2011 folder or its parent. Option ``crop`` (default True) crops
     each image to its bounding box, as prototype models (ProtoPNet, ProtoPool, PIP-Net)
-    do; the usual input is 224 px, timm's default for most backbones. Records carry
+    do, and extract then resizes the box straight to the model input (``--resize auto``
+    picks ``stretch``: no centre crop cuts the ends of a wide box); the usual input is
+    224 px, timm's default for most backbones. Records carry
     ``bbox`` and ``parts`` (one [x, y, visible] per part name) in original-image pixels.
     """
     check_options("cub", options, CubOptions.__dataclass_fields__)
@@ -99,4 +101,7 @@ def build_cub(root: Path | None = None, **options: Any) -> Dataset:
             # outward rounding keeps the whole box; PIL pads anything outside the image
             record["crop_box"] = [math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)]
         records.append(record)
-    return Dataset("cub", records, class_names, load_image, options={"crop": opts.crop}, part_names=part_names)
+    # A box crop is resized straight to the model input (no centre crop), so every part in the box stays in it.
+    defaults = {"resize": "stretch"} if opts.crop else {}
+    return Dataset("cub", records, class_names, load_image, options={"crop": opts.crop}, extract_defaults=defaults,
+                   part_names=part_names)

@@ -5,10 +5,11 @@ server, no network) has two parts:
 
 1. A prototype gallery: every prototype the head uses (the union of its classes'
    prototypes after the head's own pruning), ordered by importance (mean absolute
-   contribution to the true class's logit over the training split), each with its top
-   training patches (one per image, highest similarity first) cropped from the original
-   images, shown plain and with the prototype's activation overlaid, its classes and
-   last-layer weights.
+   contribution to the true class's logit over the training split), each with exactly
+   the images and patches its purity is scored on (PIP-Net's protocol: the 10 training
+   images of highest presence, the 32-px patch at each one's peak) cut from the original
+   images, shown plain and with the prototype's activation overlaid, its purity, its
+   classes and last-layer weights.
 2. A seeded choice of images of one split (mixing correct and wrong predictions): the
    prediction against the true class and, for the predicted class (and, when wrong, the
    true class), the prototypes that contribute most to its logit: where each fires on
@@ -18,9 +19,10 @@ server, no network) has two parts:
 
 The backbone is never run. Images are reloaded from the store's own metadata records
 with the dataset layout's per-record loader (no dataset listing); the *model-input view*
-of an image is the record's ``crop_box`` crop followed by timm's evaluation resize +
-center crop (the store's preprocessing config) without normalisation, so the store's
-token boxes line up with its pixels. Similarity maps are upsampled bilinearly with cell
+of an image is the record's ``crop_box`` crop followed by the store's resize rule (straight
+to the square input for box crops, timm's evaluation resize + center crop otherwise; the
+store's preprocessing config) without normalisation, so the store's token boxes line up
+with its pixels. Similarity maps are upsampled bilinearly with cell
 centres on the token boxes' centres (PIL's convention, the same as ``align_corners=False``).
 
 Modules: ``config`` (ExplainConfig, ExplainResult), ``images`` (the image source),

@@ -31,7 +31,8 @@ class ExplainConfig:
     """Seed of the choice of explained images."""
 
     patches: int = 5
-    """Top training patches shown per prototype."""
+    """Training patches shown beside each prototype of an explained image (the gallery always
+    shows the 10 images purity is scored on)."""
 
     top_prototypes: int = 5
     """Prototypes shown per explained image and class."""

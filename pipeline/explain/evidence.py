@@ -11,29 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocache.pipeline import metrics as M
+from protocache.pipeline.evaluate import head_fields, head_logits
 from protocache.stores import FeatureStore
 from protocache.stores.errors import ProtocacheError
 
-
-class TopImages:
-    """Per prototype, the k images where it is most similar (value, row, cell of the per-image peak)."""
-
-    def __init__(self, num_prototypes: int, k: int):
-        self.k = k
-        self.values = np.zeros((num_prototypes, 0), dtype=np.float32)
-        self.rows = np.zeros((num_prototypes, 0), dtype=np.int64)
-        self.cells = np.zeros((num_prototypes, 0), dtype=np.int64)
-
-    def update(self, peak_values: np.ndarray, peak_cells: np.ndarray, rows: np.ndarray) -> None:
-        """peak_values, peak_cells [B, P]; rows [B]."""
-        values = np.concatenate([self.values, peak_values.T.astype(np.float32)], axis=1)
-        cells = np.concatenate([self.cells, peak_cells.T.astype(np.int64)], axis=1)
-        rows_all = np.concatenate([self.rows, np.broadcast_to(rows[None, :], peak_values.T.shape)], axis=1)
-        # highest first, ties by row: the result does not depend on batching
-        order = np.lexsort((rows_all, -values), axis=1)[:, :self.k]
-        self.values = np.take_along_axis(values, order, 1)
-        self.rows = np.take_along_axis(rows_all, order, 1)
-        self.cells = np.take_along_axis(cells, order, 1)
+TopImages = M.TopImages  # the one implementation purity uses
 
 
 def as_tensor(batch_tokens: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -45,21 +28,13 @@ def similarity_maps(head, tokens: torch.Tensor) -> np.ndarray:
     return head.similarity_map(tokens).float().cpu().numpy()
 
 
-def _uses_pooled(head) -> bool:
-    """Whether the head reads the store's pooled (CLS/mean) token besides the tokens (the linear probe)."""
-    return "pooled" in head.inputs
-
-
 @torch.inference_mode()
 def predict_split(head, store: FeatureStore, split: str, batch_size: int, device: torch.device
                   ) -> dict[str, np.ndarray]:
     """rows, labels, predictions and softmax confidence of every usable image of a split."""
     rows, labels, preds, conf = [], [], [], []
-    pooled = _uses_pooled(head)
-    fields = ("tokens", "label", "row") + (("pooled",) if pooled else ())
-    for batch in store.iter_batches(split, batch_size, fields=fields, prefetch=False):
-        extra = {"pooled": as_tensor(batch["pooled"], device)} if pooled else {}
-        logits = head(as_tensor(batch["tokens"], device), **extra).float()
+    for batch in store.iter_batches(split, batch_size, fields=head_fields(head), prefetch=False):
+        logits = head_logits(head, batch, as_tensor(batch["tokens"], device), device).float()
         prob = torch.softmax(logits, dim=1)
         p = logits.argmax(dim=1)
         rows.append(batch["row"])
@@ -110,10 +85,9 @@ def explain_images(head, store: FeatureStore, pred: dict[str, np.ndarray], chose
         inv[order] = np.arange(len(order))
         back = torch.from_numpy(inv).to(device)
         tokens = as_tensor(store.read_rows("tokens", rows[order]), device)[back]
-        extra = {}
-        if _uses_pooled(head):
-            extra["pooled"] = as_tensor(store.read_rows("pooled", rows[order]), device)[back]
-        logits = head(tokens, **extra).float().cpu().numpy()
+        pooled = (as_tensor(store.read_rows("pooled", rows[order]), device)[back] if "pooled" in head.inputs
+                  else None)
+        logits = head(tokens if "tokens" in head.inputs else None, pooled=pooled).float().cpu().numpy()
         evidence = {k: v.float().cpu().numpy() for k, v in head.evidence(tokens).items()}
         presence = head.presence(tokens).float().cpu().numpy()
         maps = similarity_maps(head, tokens)
@@ -146,10 +120,12 @@ def explain_images(head, store: FeatureStore, pred: dict[str, np.ndarray], chose
 @torch.inference_mode()
 def scan_training(head, store: FeatureStore, split: str, k: int, batch_size: int, device: torch.device
                   ) -> tuple[TopImages, np.ndarray, int]:
-    """One pass over a split: top-k images per prototype, and each prototype's importance.
+    """One pass over a split: each prototype's top-k images, ranked and placed as purity does, and its importance.
 
-    Importance of prototype p is the mean over the split of |presence_p * w_{y,p}|, its
-    share of the true class's logit.
+    The top images are exactly the ones PIP-Net purity scores (`metrics.TopImages` over
+    `head.presence`, each with its `metrics.pipnet_peak_cells` peak), so with k = purity's top-k
+    the gallery shows what `evaluate --split <split>` scored. Importance of prototype p is the
+    mean over the split of |presence_p * w_{y,p}|, its share of the true class's logit.
     """
     weights = head.class_weights().float()
     top: TopImages | None = None
@@ -157,16 +133,14 @@ def scan_training(head, store: FeatureStore, split: str, k: int, batch_size: int
     n = 0
     for batch in store.iter_batches(split, batch_size, fields=("tokens", "label", "row"), prefetch=False):
         tokens = as_tensor(batch["tokens"], device)
-        maps = head.similarity_map(tokens).float()
-        flat = maps.flatten(2)  # [B, P, T]
-        values, cells = flat.max(dim=2)
+        presence = head.presence(tokens).float()
         if top is None:
-            top = TopImages(flat.shape[1], k)
-            importance = np.zeros(flat.shape[1], dtype=np.float64)
-        top.update(values.cpu().numpy(), cells.cpu().numpy(), np.asarray(batch["row"], dtype=np.int64))
+            top = TopImages(presence.shape[1], k)
+            importance = np.zeros(presence.shape[1], dtype=np.float64)
+        cells = M.pipnet_peak_cells(head.similarity_map(tokens).float())
+        top.update(presence.cpu().numpy(), cells, np.asarray(batch["row"], dtype=np.int64))
         labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64)).to(device)
-        share = (head.presence(tokens).float() * weights[labels]).abs().sum(0)
-        importance += share.double().cpu().numpy()
+        importance += (presence * weights[labels]).abs().sum(0).double().cpu().numpy()
         n += len(labels)
     if top is None:
         raise ProtocacheError(f"split {split!r} of {store.path} has no usable images: the gallery needs "

@@ -21,21 +21,18 @@ from protocache.stores.errors import ProtocacheError
 
 def model_input_view(image: Image.Image, data_config: dict[str, Any], crop_box: Sequence[float] | None = None
                      ) -> Image.Image:
-    """The image as the backbone saw it, before normalisation: crop_box crop, then timm's eval resize + crop.
+    """The image as the backbone saw it, before normalisation: crop_box crop, then the store's resize rule.
 
-    Uses timm's own eval transform with mean 0 and std 1, so the geometry (resize rule,
-    rounding, interpolation, center crop or pad) is exactly the one the cache was
+    Uses extract's own geometry step (``pipeline/transforms.py``: a resize straight to the input
+    size for ``resize = stretch``, timm's eval resize + center crop or pad for ``timm``), so the
+    geometry (resize rule, rounding, interpolation, crop) is exactly the one the cache was
     extracted with; the result is an RGB image of the model's input size.
     """
-    import timm.data
+    from protocache.pipeline.transforms import geometry_transform, to_pixels
 
     if crop_box is not None:
         image = image.crop(tuple(int(round(float(v))) for v in crop_box))
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
-    cfg["mean"], cfg["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    allowed = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "crop_border_pixels")
-    transform = timm.data.create_transform(**{k: v for k, v in cfg.items() if k in allowed}, is_training=False)
-    x = transform(image.convert("RGB"))
+    x = to_pixels(geometry_transform(dict(data_config))(image.convert("RGB")))
     array = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
     return Image.fromarray(array, mode="RGB")
 

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from protocache.pipeline.runs import load_run
+from protocache.pipeline import metrics as M
+from protocache.pipeline.evaluate import _keypoints, metric_config
+from protocache.pipeline.runs import load_run, run_splits
 from protocache.pipeline.runtime import resolve_device
 from protocache.stores import FeatureStore
 from protocache.stores.errors import ProtocacheError
@@ -39,7 +41,7 @@ def explain_run(cfg: ExplainConfig) -> ExplainResult:
     store_path = (run.config.get("store") or {}).get("path")
     if not store_path:
         raise ProtocacheError(f"{cfg.run}/config.json names no store path")
-    store = FeatureStore.open(store_path)
+    store = run_splits(cfg.run, FeatureStore.open(store_path), run.config)  # the fit's train / val rows
     return explain(run.head, store, cfg, config=run.config, metrics=run.metrics)
 
 
@@ -85,8 +87,10 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
     chosen = choose_images(correct, cfg.images, cfg.seed)
     explained, needed = explain_images(head, store, pred, chosen, cfg.top_prototypes, cfg.batch_size, device)
 
-    # ---- the gallery: top training patches and importance
-    top, importance, num_train = scan_training(head, store, cfg.train_split, cfg.patches, cfg.batch_size, device)
+    # ---- the gallery: the images and patches PIP-Net purity scores on the training split, and importance
+    mconf = metric_config(store, M.MetricConfig())
+    top, importance, num_train = scan_training(head, store, cfg.train_split, mconf["purity_top_k"], cfg.batch_size,
+                                               device)
     used, per_class = used_prototypes(head, num_classes)
     used_sorted = sorted(used, key=lambda p: (-importance[p], p))
     shown = used_sorted if cfg.max_prototypes is None else used_sorted[:max(0, cfg.max_prototypes)]
@@ -99,6 +103,7 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
     # ---- pictures
     patch_info = pictures.patches(head, top, sorted(in_gallery | needed), cfg.batch_size, device)
     pictures.explained(explained)
+    purity = _gallery_purity(store, top, used, mconf)
 
     # ---- report data and page
     meta = _meta_reader(store)
@@ -109,6 +114,7 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
     for p in shown:
         cls = sorted(classes_of.get(p, []), key=lambda c: (-weights[c, p], c))
         gallery.append({"prototype": p, "importance": float(importance[p]), "patches": patch_info[p],
+                        "purity": purity["per_prototype"].get(p) if purity else None,
                         "classes": [{"class": c, "name": class_names[c], "weight": float(weights[c, p])} for c in cls]})
     for item in explained:
         item.update(meta(item["row"]))
@@ -116,7 +122,7 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
             block["name"] = class_names[block["class"]]
             for entry in block["prototypes"]:
                 p = entry["prototype"]
-                entry["patches"] = [patch["png"] for patch in patch_info[p]]
+                entry["patches"] = [patch["png"] for patch in patch_info[p][:cfg.patches]]
                 entry["in_gallery"] = p in in_gallery
     summary = {
         "run": str(cfg.run), "head": head.name or type(head).__name__, "store": str(store.path),
@@ -126,6 +132,8 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
         "prototypes_shown": len(shown), "images_in_split": int(len(correct)),
         "split_accuracy": float(correct.mean()), "train_images_scanned": int(num_train),
         "signed_maps": signed, "metrics": _headline_metrics(metrics),
+        "purity": None if purity is None else {k: v for k, v in purity.items() if k != "per_prototype"},
+        "purity_patch": mconf["purity_patch"], "purity_top_k": mconf["purity_top_k"],
         "config": asdict(cfg),
     }
     report = {"summary": summary, "gallery": gallery, "images": explained}
@@ -149,6 +157,8 @@ class _Pictures:
         self.input_h, self.input_w = (int(v) for v in store.attrs["input_size"][-2:])
         self.token_boxes = np.asarray(store.attrs["token_boxes"], dtype=np.float64)
         grid = tuple(int(v) for v in store.layout.grid)
+        self.grid = grid
+        self.purity_patch = metric_config(store, M.MetricConfig())["purity_patch"]
         cell = max(self.input_w / grid[1], self.input_h / grid[0])
         side = min(self.input_w, self.input_h)
         self.patch_side = min(max(cfg.patch_cells * cell, cfg.patch_min_fraction * side), side)
@@ -162,7 +172,8 @@ class _Pictures:
 
     def patches(self, head, top: TopImages, prototypes: Sequence[int], batch_size: int, device: torch.device
                 ) -> dict[int, list[dict[str, Any]]]:
-        """Each prototype's top training patches: the raw crop and the overlaid crop (peak box), with its scale."""
+        """Each prototype's top training images (purity's): the raw crop and the overlaid crop around the
+        purity patch of the peak cell (the box drawn is that patch), with its scale."""
         # group by training row so each image is reloaded and mapped once
         by_row: dict[int, list[tuple[int, int]]] = {}
         for p in prototypes:
@@ -177,12 +188,16 @@ class _Pictures:
                 view = self.images.view(row)
                 for p, rank in by_row[row]:
                     cell = int(top.cells[p, rank])
-                    window = patch_window(self.token_boxes[cell], (self.input_w, self.input_h), self.patch_side)
+                    centre = M.pipnet_patch_centres(np.array([cell]), self.grid, (self.input_h, self.input_w),
+                                                    self.purity_patch)[0]
+                    box = purity_box(centre, self.purity_patch, (self.input_h, self.input_w))
+                    window = patch_window(box, (self.input_w, self.input_h), self.patch_side)
                     heat, scale = overlay(view, maps[j, p], signed=self.signed)
-                    heat = draw_box(heat, self.token_boxes[cell], POSITIVE_BOX)
+                    heat = draw_box(heat, box, POSITIVE_BOX)
                     stem = f"{IMAGE_DIR}/proto-{p:05d}-top{rank}"
                     info[(p, rank)] = {
                         "rank": rank, "row": row, "cell": cell, "value": float(top.values[p, rank]),
+                        "peak_x": float(centre[0]), "peak_y": float(centre[1]), "patch_box": box,
                         "png": self._save(crop_patch(heat, window, self.patch_px), f"{stem}.png"),
                         "raw_png": self._save(crop_patch(view, window, self.patch_px), f"{stem}-raw.png"),
                         "scale": scale}
@@ -206,6 +221,31 @@ class _Pictures:
                         drawn[p] = (name, scale)
                     entry["overlay_png"], entry["scale"] = drawn[p]
                     entry.pop("map")
+
+
+def purity_box(centre: np.ndarray, patch: float, input_hw: tuple[int, int]) -> list[float]:
+    """[x0, y0, x1, y1] of the purity patch centred at `centre`, moved inside the input (metrics.patch_hits)."""
+    h, w = input_hw
+    x0 = float(np.clip(centre[0] - patch / 2.0, 0, max(w - patch, 0)))
+    y0 = float(np.clip(centre[1] - patch / 2.0, 0, max(h - patch, 0)))
+    return [x0, y0, x0 + patch, y0 + patch]
+
+
+def _gallery_purity(store: FeatureStore, top: TopImages, used: list[int], mconf: dict[str, Any]
+                    ) -> dict[str, Any] | None:
+    """PIP-Net purity of the gallery's top images (the same rows `evaluate --split <train split>` scores):
+    the mean over the used prototypes, and per prototype {purity, part}; None without part keypoints."""
+    keypoints = _keypoints(store)
+    if keypoints is None or not used:
+        return None
+    protos = np.asarray(used, dtype=np.int64)
+    k = top.rows.shape[1]
+    cells = top.cells[protos].reshape(-1)
+    centres = M.pipnet_patch_centres(cells, tuple(mconf["grid"]), tuple(mconf["input_size"]), mconf["purity_patch"])
+    args = (np.repeat(protos, k), centres, keypoints[top.rows[protos].reshape(-1)], store.attrs["part_names"],
+            mconf["purity_patch"], tuple(mconf["input_size"]))
+    per = M.purity_per_prototype(*args)
+    return {**M.purity(*args), "per_prototype": {p: {"value": v, "part": part} for p, (v, part) in per.items()}}
 
 
 def prepare_out(out: Path) -> Path:

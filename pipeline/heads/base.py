@@ -18,7 +18,7 @@ code never needs to know which head it holds:
 
 and declares, instead of being probed for them: ``signed_evidence`` (whether its evidence
 has a negative part), ``class_prototype_rule`` (how a class's prototypes are chosen) and
-``local_size()`` (prototypes per class, where the head defines it).
+``class_prototype_k`` and ``local_size()`` (prototypes per class above a tenth of its largest weight).
 
 Configs are dataclasses whose field names follow the papers and whose field docstrings
 are their help; ``None`` means "derive from the store" and is replaced by a concrete value
@@ -92,6 +92,8 @@ class Head(nn.Module):
     """True when a prototype can also count against a class (its evidence has a negative part)."""
     class_prototype_rule: ClassVar[str] = "prototypes with a positive last-layer weight for the class, strongest first"
     """How `class_prototypes(c)` chooses a class's prototypes (recorded by evaluate)."""
+    class_prototype_k: ClassVar[int | None] = None
+    """The k of a rule that takes a class's k strongest prototypes; None where the rule has no k."""
 
     def __init__(self, info: StoreInfo, config: Any):
         super().__init__()
@@ -149,13 +151,21 @@ class Head(nn.Module):
         order = torch.argsort(w, descending=True, stable=True)
         return order[w[order] > 0]
 
-    def local_size(self) -> torch.Tensor | None:
-        """[C] prototypes per class by the head's own definition, or None where it has none."""
-        return None
+    def local_size(self) -> torch.Tensor:
+        """[C] prototypes per class whose weight exceeds LOCAL_SIZE_FRACTION of that class's largest.
+
+        One definition for every head: relative to the class's largest weight, because the
+        heads' weight scales differ by orders of magnitude (ProtoQuant's W starts near 1,
+        InfoDisent's near 1/sqrt(D)). It is taken on the head as it is (after any forced top-k).
+        """
+        w = self.class_weights().detach()
+        top = w.amax(dim=1, keepdim=True)
+        return ((w > LOCAL_SIZE_FRACTION * top) & (w > 0)).sum(dim=1)
 
     def extra_metrics(self) -> dict[str, Any]:
-        """Head-specific numbers for metrics.json (e.g. local size)."""
-        return {}
+        """Numbers for metrics.json: the local size, and whatever a head adds."""
+        ls = self.local_size()
+        return {"local_size": float(ls.float().mean()), "local_size_per_class": [int(v) for v in ls]}
 
     # state ---------------------------------------------------------------------------
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -189,6 +199,7 @@ def grid_map(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return values.permute(0, 2, 1).reshape(n, p, h, w)
 
 
+LOCAL_SIZE_FRACTION = 0.1  # a prototype counts for a class's local size above this share of its largest weight
 SMALL_DATA = 5000  # training images below which a head uses its small-data epoch count
 
 

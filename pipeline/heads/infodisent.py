@@ -46,6 +46,11 @@ class InfoDisentConfig:
     """Joint epochs of the rotation and W; None: scaled to the data."""
     batch_size: int | None = None
     """Batch size; None: 256, smaller on small data."""
+    train_rotation: bool = True
+    rotation_optimizer: str = "adam"
+    prototypes_per_class: int = 10
+    """Channels a class counts as its prototypes in the metrics and the report: its k largest
+    positive weights (0: every channel with a positive weight)."""
 
 
 class _ExpAtZero(torch.autograd.Function):
@@ -60,6 +65,8 @@ class _ExpAtZero(torch.autograd.Function):
     @staticmethod
     def forward(ctx, skew: torch.Tensor, base: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(base)
+        if not torch.any(skew):  # always so in training (A is folded after every step): exp(0) U = U
+            return base.clone()
         return torch.linalg.matrix_exp(skew) @ base
 
     @staticmethod
@@ -75,7 +82,8 @@ class InfoDisent(Head):
 
     config_class = InfoDisentConfig
     signed_evidence = True
-    class_prototype_rule = "rotated channels with a positive last-layer weight for the class, strongest first"
+    class_prototype_rule = ("the class's `prototypes_per_class` rotated channels with the largest positive "
+                            "last-layer weights, strongest first")
 
     def __init__(self, info: StoreInfo, config: InfoDisentConfig):
         super().__init__(info, config)
@@ -131,12 +139,14 @@ class InfoDisent(Head):
         With straight_through the forward value is f at the selected cell (the max, up to
         the noise that tau scales) and the gradient is the soft weights'.
         """
-        noise = -torch.empty_like(f).exponential_().log()
-        soft = torch.softmax(f / self.config.gumbel_tau + noise, dim=1)
+        gumbel = -torch.rand_like(f).clamp_(min=1e-20).log_().neg_().log_()  # -log(-log u), u ~ U(0, 1)
+        logits = f / self.config.gumbel_tau + gumbel
+        soft = torch.softmax(logits, dim=1)
         if not self.config.straight_through:
             return (soft * f).sum(1)
-        hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
-        return ((hard - soft.detach() + soft) * f).sum(1)
+        hard = f.gather(1, logits.max(dim=1, keepdim=True).indices).squeeze(1)  # f at the sampled cell
+        smooth = (soft * f.detach()).sum(1)  # carries the soft weights' gradient, adds 0 to the value
+        return hard + smooth - smooth.detach()
 
     def channel_evidence(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._pool(self.rotate(tokens))
@@ -161,11 +171,18 @@ class InfoDisent(Head):
         w = self.class_weights()[None]
         return {"positive": pos[:, None, :] * w, "negative": neg[:, None, :] * w}
 
+    @property
+    def class_prototype_k(self) -> int | None:  # type: ignore[override]
+        return self.config.prototypes_per_class or None
+
+    def class_prototypes(self, c: int) -> torch.Tensor:
+        """Class c's `prototypes_per_class` channels with the largest positive weights, strongest first."""
+        ranked = super().class_prototypes(c)
+        k = self.config.prototypes_per_class
+        return ranked[:k] if k else ranked
+
     def extra_metrics(self) -> dict[str, Any]:
-        w = self.class_weights()
-        strong = (w > 0.1 * w.amax(dim=1, keepdim=True)).sum(dim=1).float()
-        return {"channels_used": int((w > 0).any(dim=0).sum()),
-                "channels_per_class_above_10pct_of_max": float(strong.mean())}
+        return {**super().extra_metrics(), "channels_used": int((self.class_weights() > 0).any(dim=0).sum())}
 
     # training --------------------------------------------------------------------------
     def fit(self, ctx: "FitContext") -> None:
@@ -176,28 +193,84 @@ class InfoDisent(Head):
 
 
 def fit_infodisent(head: InfoDisent, ctx: "FitContext") -> None:
-    """CE only. A warm-up fits W on the hard-pooled channels of the current rotation (the
-    identity at first, so W starts from max-pooled backbone channels); then Adam trains W
-    and the skew generator A jointly, A folded into the rotation after every step."""
     cfg = head.config
     train = ctx.split("train", ("tokens", "label"))
-    if cfg.warmup_epochs:
-        @torch.no_grad()
-        def pooled(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            x = torch.from_numpy(b["tokens"]).float().to(ctx.device)
-            return {"channels": head.eval().presence(x).cpu().numpy(), "label": b["label"]}
 
+    @torch.no_grad()
+    def pooled(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(b["tokens"]).float().to(ctx.device)
+        return {"channels": head.eval().presence(x).cpu().numpy(), "label": b["label"]}
+
+    def fit_w(stage: str, epochs: int) -> None:
         channels = ctx.derive(train, pooled)
         head.train()
         opt = torch.optim.Adam([head.weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ctx.train("warmup", channels, opt, cfg.warmup_epochs, cfg.batch_size,
+        ctx.train(stage, channels, opt, epochs, cfg.batch_size,
                   lambda b, _: F.cross_entropy(b["channels"] @ head.class_weights().T, b["label"]))
-    if cfg.epochs:
-        opt = torch.optim.Adam([{"params": [head.weight], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-                                {"params": [head.skew], "lr": cfg.rotation_lr}])
-        ctx.train("rotation", train, opt, cfg.epochs, cfg.batch_size,
-                  lambda b, _: F.cross_entropy(head(b["tokens"]), b["label"]), after_step=head.retract)
+
+    if not getattr(cfg, "train_rotation", True):
+        fit_w("last layer (U = I)", cfg.warmup_epochs + cfg.epochs)
+    else:
+        if cfg.warmup_epochs:
+            fit_w("warmup", cfg.warmup_epochs)
+        if cfg.epochs:
+            kind = getattr(cfg, "rotation_optimizer", "adam")
+            wopt = [{"params": [head.weight], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+            if kind == "adam":
+                opt = torch.optim.Adam(wopt + [{"params": [head.skew], "lr": cfg.rotation_lr}])
+            else:
+                opt = _Combined(torch.optim.Adam(wopt), _NormalizedSGD([head.skew], cfg.rotation_lr))
+            ctx.train("rotation", train, opt, cfg.epochs, cfg.batch_size,
+                      lambda b, _: F.cross_entropy(head(b["tokens"]), b["label"]), after_step=head.retract)
+    head.eval()
     with torch.no_grad():
         u = head.rotation
-        ctx.extra["rotation_orthogonality_error"] = float((u @ u.T - torch.eye(len(u), device=u.device)).abs().max())
-        ctx.extra["rotation_distance_from_identity"] = float((u - torch.eye(len(u), device=u.device)).norm())
+        eye = torch.eye(len(u), device=u.device)
+        ctx.extra["rotation_orthogonality_error"] = float((u @ u.T - eye).abs().max())
+        ctx.extra["rotation_distance_from_identity"] = float((u - eye).norm())
+        saved = u.clone()
+        u.copy_(eye)
+        ctx.extra["identity_rotation_test_accuracy"] = ctx.accuracy(head, ctx.split("test", ("tokens", "label")))
+        val = getattr(ctx, "val_accuracy", None)
+        ctx.extra["identity_rotation_val_accuracy"] = val(head) if val else None
+        u.copy_(saved)
+
+
+class _Combined:
+    def __init__(self, *opts):
+        self.opts = opts
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+
+class _NormalizedSGD:
+    """Momentum on the skew gradient; the step is lr * m / sqrt(EMA of mean squared gradient) (one scalar)."""
+
+    def __init__(self, params, lr, beta1=0.9, beta2=0.999):
+        self.params, self.lr, self.b1, self.b2 = list(params), lr, beta1, beta2
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [0.0 for _ in self.params]
+        self.t = 0
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            self.m[i].mul_(self.b1).add_(g, alpha=1 - self.b1)
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * float(g.pow(2).sum())
+            mh = self.m[i] / (1 - self.b1 ** self.t)
+            vh = self.v[i] / (1 - self.b2 ** self.t)
+            p.sub_(mh, alpha=self.lr / (vh ** 0.5 + 1e-12))

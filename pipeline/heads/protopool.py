@@ -208,10 +208,9 @@ class ProtoPool(Head):
 
     def extra_metrics(self) -> dict[str, Any]:
         slots = self.slot_prototypes()
-        used = torch.unique(slots)
-        per_class = [len(set(row.tolist())) for row in slots]
-        return {"prototypes_used": int(used.numel()), "local_size": sum(per_class) / len(per_class),
-                "local_size_per_class": per_class}
+        distinct = [len(set(row.tolist())) for row in slots]
+        return {**super().extra_metrics(), "prototypes_used": int(torch.unique(slots).numel()),
+                "slot_prototypes_per_class": sum(distinct) / len(distinct)}
 
     # training --------------------------------------------------------------------------
     def fit(self, ctx: "FitContext") -> None:
@@ -337,10 +336,10 @@ def fit_protopool(head: ProtoPool, ctx: "FitContext") -> None:
     ctx.train("prototypes", train, opt, cfg.epochs, cfg.batch_size, step)
     head.gumbel_scale = float(cfg.gumbel_end)
     if cfg.push:
-        ctx.extra["test_accuracy_before_push"] = ctx.accuracy(head, ctx.split("test", ("tokens", "label")))
+        ctx.extra["val_accuracy_before_push"] = ctx.val_accuracy(head)  # None without a val split
         ctx.extra["prototype_sources"] = push_prototypes(head, ctx)
         ctx.log(f"pushed {head.prototype_count} prototypes onto their nearest training tokens "
-                f"(test accuracy before push {ctx.extra['test_accuracy_before_push']:.4f})")
+                f"(before push: {ctx.val_text(ctx.extra['val_accuracy_before_push'])})")
     if cfg.last_layer_epochs:
         head.requires_grad_(False)
         head.last_layer.requires_grad_(True)

@@ -82,7 +82,7 @@ class ProtoQuantConfig:
     finetune_epochs: int | None = None
     """Epochs after top-k; None: 30 (the reference re-trains the limited head)."""
     local_size_threshold: float = 0.1
-    """"Local size" counts a class's prototypes with a weight above this."""
+    """The reference's absolute threshold: `local_size_reference` counts weights above it (gmum/protoquant)."""
 
 
 @register_head("protoquant")
@@ -91,7 +91,8 @@ class ProtoQuant(Head):
     presence p_k = max_t a_tk, logits = p . (ReLU(W) * mask)^T, no bias."""
 
     config_class = ProtoQuantConfig
-    class_prototype_rule = "codes with a positive (unmasked) last-layer weight for the class, strongest first"
+    class_prototype_rule = ("codes with a positive last-layer weight for the class after the post-hoc top-k "
+                            "(at most `topk_per_class`), strongest first")
 
     def __init__(self, info: StoreInfo, config: ProtoQuantConfig):
         super().__init__(info, config)
@@ -195,13 +196,17 @@ class ProtoQuant(Head):
         self.weight = nn.Parameter(self.weight.data[:, keep].clone())
         self.weight_mask = self.weight_mask[:, keep].clone()
 
-    def local_size(self) -> torch.Tensor:
-        """Prototypes per class with weight above the threshold (the paper's "local size")."""
+    @property
+    def class_prototype_k(self) -> int | None:  # type: ignore[override]
+        return self.config.topk_per_class or None  # the post-hoc top-k caps a class's codes
+
+    def local_size_reference(self) -> torch.Tensor:
+        """[C] weights above the absolute `local_size_threshold`: gmum/protoquant's calculate_local_size."""
         return (self.class_weights() > self.config.local_size_threshold).sum(dim=1)
 
     def extra_metrics(self) -> dict[str, Any]:
-        ls = self.local_size()
-        return {"local_size": float(ls.float().mean()), "local_size_per_class": [int(v) for v in ls]}
+        ref = self.local_size_reference()
+        return {**super().extra_metrics(), "local_size_reference": float(ref.float().mean())}
 
     # training --------------------------------------------------------------------------
     def fit(self, ctx: "FitContext") -> None:
@@ -432,12 +437,13 @@ def fit_protoquant(head: ProtoQuant, ctx: "FitContext") -> None:
     prune_codebook(head, ctx)
     train_protoquant_head(head, ctx, cfg.epochs, "head")
     if cfg.topk_per_class:
-        ctx.extra["test_accuracy_dense"] = ctx.accuracy(head, ctx.split("test", ("tokens", "label")))
+        ctx.extra["val_accuracy_dense"] = ctx.val_accuracy(head)  # None without a val split
         ctx.extra["prototype_count_dense"] = head.prototype_count
+        ctx.extra["local_size_before_topk"] = float(head.local_size().float().mean())
         head.limit_per_class(cfg.topk_per_class)
         head.prune_unused()
         ctx.log(f"kept the top {cfg.topk_per_class} weights per class: {head.prototype_count} prototypes remain "
-                f"(dense head: test accuracy {ctx.extra['test_accuracy_dense']:.4f})")
+                f"(dense head: {ctx.val_text(ctx.extra['val_accuracy_dense'])})")
         if cfg.finetune_epochs:
             train_protoquant_head(head, ctx, cfg.finetune_epochs, "finetune")
     head.codes.requires_grad_(cfg.train_codes)

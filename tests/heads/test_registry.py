@@ -81,3 +81,26 @@ def test_interface_shapes(name):
             idx = head.class_prototypes(c)
             assert idx.dtype == torch.long and len(idx) >= 1
             assert int(idx.max()) < p
+
+
+def test_local_size_is_one_relative_definition_for_every_head():
+    head = make("protoquant", codebook_size=4, prune_to=0).eval()
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.5, 0.09, -1.0],  # max 1: 1.0 and 0.5 pass 0.1; 0.09 does not
+                                        [0.05, 0.04, 0.001, 0.0],  # max 0.05: 0.05 and 0.04 pass 0.005
+                                        [0.0, 0.0, 0.0, 0.0],  # nothing positive: 0
+                                        [2.0, 2.0, 2.0, 0.2]]))  # 0.2 is not > 0.1 * 2.0: 3
+    assert head.local_size().tolist() == [2, 2, 0, 3]
+    # gmum/protoquant's own count (ReLU(W) > 0.1, absolute) stays reported beside it
+    assert head.local_size_reference().tolist() == [2, 0, 0, 4]
+    assert make("linear").local_size().tolist() == [1] * CLASSES
+
+
+def test_infodisent_counts_its_k_strongest_channels_as_a_class_prototypes():
+    head = make("infodisent", prototypes_per_class=3)
+    with torch.no_grad():
+        head.weight.copy_(torch.arange(CLASSES * DIM, dtype=torch.float32).reshape(CLASSES, DIM) - 20)
+    assert head.class_prototype_k == 3
+    assert head.class_prototypes(0).tolist() == []  # row 0 is -20..-9: no positive weight
+    assert head.class_prototypes(1).tolist() == [11, 10, 9]  # row 1 is -8..3: the three largest positives
+    assert make("infodisent", prototypes_per_class=0).class_prototype_k is None

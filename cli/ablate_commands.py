@@ -22,6 +22,8 @@ def ablate(
     device: str = option(AblateConfig, "device"),
     threads: Optional[int] = option(AblateConfig, "threads"),
     evaluate: Optional[bool] = option(AblateConfig, "evaluate"),
+    resume: str = option(AblateConfig, "resume"),
+    progress: bool = option(AblateConfig, "progress"),
 ):
     """Train a grid of head configs, several heads per read pass; resumes an interrupted sweep."""
     from protocache.pipeline.ablate import run_ablate
@@ -34,7 +36,8 @@ def ablate(
         except ValueError:
             raise ProtocacheError(f"--seeds takes comma-separated integers, not {seeds!r}") from None
     summary = run_ablate(AblateConfig(store=store, grid_file=grid, out=out, seeds=seed_list, workers=workers,
-                                      scheduler=scheduler, device=device, threads=threads, evaluate=evaluate))
+                                      scheduler=scheduler, device=device, threads=threads, evaluate=evaluate,
+                                      resume=resume, progress=progress))
     typer.echo(f"{summary['points']} points: {summary['trained']} trained in {summary['groups']} read pass(es), "
                f"{summary['skipped']} already finished")
     typer.echo(f"results  {summary['results']}")

@@ -37,6 +37,7 @@ def fit_head_cmd(
     given = {"device": device, "seed": seed, "val_fraction": val_fraction, "epochs": epochs, "threads": threads}
     fit_opts.update({k: v for k, v in given.items() if v is not None})
     fit_opts["progress"] = progress
+    # fit_head checks the fit options (a config file's `fit:` included) and the head config before any work
     result = fit_head(head, store, out, head_cfg, FitConfig(**fit_opts))
     m = result.metrics
     if as_json:
@@ -73,6 +74,7 @@ def bench_heads_cmd(
     val_fraction: float = option(BenchConfig, "val_fraction"),
     threads: Optional[int] = option(BenchConfig, "threads"),
     progress: bool = option(BenchConfig, "progress"),
+    fit_progress: bool = option(BenchConfig, "fit_progress"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of the table."),
 ):
     """Fit every head with its defaults on a store: val and test accuracy, gap to the probe, prototypes, seconds."""
@@ -80,7 +82,8 @@ def bench_heads_cmd(
 
     names = tuple(h.strip() for h in heads.split(",") if h.strip()) if heads else None
     rows = bench_heads(BenchConfig(store=store, seed=seed, heads=names, out=out, device=device, epochs=epochs,
-                                   val_fraction=val_fraction, threads=threads, progress=progress))
+                                   val_fraction=val_fraction, threads=threads, progress=progress,
+                                   fit_progress=fit_progress))
     if as_json:
         echo_json(rows)
         return

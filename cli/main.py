@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -18,6 +19,21 @@ from . import head_commands  # noqa: F401  (fit-head, heads, bench-heads)
 from . import store_commands  # noqa: F401  (extract, info, verify, datasets)
 from .app import app
 
+# File-system refusals the user can act on (a folder they cannot write, a file where a folder should
+# be, a full or read-only disk): one `error:` line naming the path, like a ProtocacheError.
+USER_OS_ERRORS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                  errno.EROFS: "read-only file system", errno.ENOTDIR: "not a folder",
+                  errno.EISDIR: "is a folder", errno.ENOSPC: "no space left on the device",
+                  errno.EDQUOT: "disk quota exceeded"}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """The one-line message of a file-system refusal (None for other OSErrors, which stay tracebacks)."""
+    if exc.errno not in USER_OS_ERRORS or not exc.filename:
+        return None
+    return (f"cannot write or read {exc.filename}: {USER_OS_ERRORS[exc.errno]}; choose a path you can write to "
+            "(or free space) and run the command again")
+
 
 def main(argv: list[str] | None = None) -> None:
     try:
@@ -30,6 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
+    except OSError as exc:
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(2)
     except Exception as exc:
         # Usage errors (unknown command or option, bad value) arrive here in non-standalone
         # mode; they are click exceptions that know how to print themselves.

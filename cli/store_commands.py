@@ -9,6 +9,7 @@ import typer
 from protocache.pipeline.config import field_default
 from protocache.pipeline.extract import (ExtractConfig, parse_dataset_options, parse_views, run_extract,
                                          run_extract_distributed)
+from protocache.stores.errors import ProtocacheError
 
 from .app import app, echo_json, human_bytes, option
 
@@ -34,6 +35,7 @@ def extract(
     threads: Optional[int] = option(ExtractConfig, "threads"),
     compressor: Optional[str] = option(ExtractConfig, "compressor"),
     overwrite: bool = option(ExtractConfig, "overwrite"),
+    repair: bool = option(ExtractConfig, "repair"),
     progress: bool = option(ExtractConfig, "progress"),
     dataset_option: list[str] = option(ExtractConfig, "dataset_options", "--dataset-option", default=[]),
     scheduler: Optional[str] = typer.Option(None, help="Run on an existing dask cluster (tcp://HOST:PORT)."),
@@ -44,8 +46,11 @@ def extract(
                         batch_size=batch_size, shard_size=shard_size, chunk_size=chunk_size, device=device,
                         precision=precision, limit=limit, views=parse_views(views), resize=resize,
                         noise_sigma=noise_sigma, on_bad_image=on_bad_image, num_workers=num_workers, threads=threads,
-                        compressor=compressor, overwrite=overwrite, progress=progress,
+                        compressor=compressor, overwrite=overwrite, repair=repair, progress=progress,
                         dataset_options=parse_dataset_options(dataset_option))
+    if workers is not None and workers < 1:
+        raise ProtocacheError(f"extract: --workers must be an integer >= 1, got {workers}; leave it out to extract "
+                              "in this process")
     if scheduler or workers:
         result = run_extract_distributed(cfg, scheduler=scheduler, workers=workers)
     else:
@@ -84,14 +89,23 @@ def info(store: str = typer.Argument(..., help="Path of a feature store."),
 
 @app.command()
 def verify(store: str = typer.Argument(..., help="Path of a feature store.")):
-    """Check every shard is present and readable, metadata rows == N, and no NaN/Inf in tokens."""
-    from protocache.stores import FeatureStore
+    """Check every shard is present, every inner chunk passes its checksum, metadata rows == N, no NaN/Inf.
 
-    problems = FeatureStore.open(store).verify()
+    Each problem is one `FAIL` line naming the shard and the inner chunk (its image rows); exit 1.
+    """
+    from protocache.stores import FeatureStore
+    from protocache.stores.shards import repair_hint
+
+    opened = FeatureStore.open(store)
+    problems = opened.verify()
     if problems:
         for p in problems:
             typer.echo(f"FAIL {p}", err=True)
+        typer.echo(f"To repair: {repair_hint(opened)}.", err=True)
         raise typer.Exit(1)
+    if opened.layout.checksum is None:
+        typer.echo("note: this store was written without per-chunk checksums (before they existed), so changed "
+                   "bytes that still decode go unnoticed; re-extract it with --overwrite to add them.", err=True)
     typer.echo(f"OK {store}")
 
 

@@ -10,8 +10,11 @@ spirit of DINOv2's linear evaluation that trains many classifiers on one pass.
 Each thread keeps its own torch / numpy / Python random state, swapped in whenever it runs,
 so a head trained in a group gets exactly the weights it gets when trained alone with the
 same seed. Groups are independent and run in parallel on a dask cluster when one is given.
-Finished points (a run folder with metrics.json for the same config) are skipped, so an
-interrupted sweep resumes where it stopped.
+A point is finished when its run folder holds a complete run of the same head, config and
+seed, fitted with the same fit options on a store with the same fingerprint; finished
+points are skipped, so an interrupted sweep resumes where it stopped. A run that differs
+in any of these is trained again (`--resume strict` refuses instead). The sweep folder is
+marked as ours by sweep.json; results.parquet and summary.png are written by rename.
 
 Configs are ranked by validation accuracy (each fit holds out `val_fraction` of the train
 split, see pipeline/fit.py), averaged over seeds; the test accuracy reported for the sweep
@@ -23,23 +26,23 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import random
 import re
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from protocache.stores import FeatureStore
+from protocache.stores import owned
 from protocache.stores import runs as run_files
 from protocache.stores.errors import ProtocacheError
 
-from .config import build_config, check_keys, read_yaml_mapping
+from .config import build_config, check_keys, check_values, read_yaml_mapping
+from .ablate_pass import EVAL_KEYS, _eval_row, _result_row, run_group
 from .runtime import dask_client
 
 # Config keys that change the batch schedule; points differing only in other keys share a pass.
@@ -82,6 +85,17 @@ class AblateConfig:
     """Also compute interpretability metrics per point; None: when the store has part keypoints."""
     fit_options: dict[str, Any] = field(default_factory=dict)
     """Fit options (FitConfig fields) for every point, over the grid file's `fit:`."""
+    resume: str = "retrain"
+    """retrain: a point whose run in --out was fitted with another config, seed, fit options or store
+    fingerprint is trained again | strict: such a point is an error, and nothing is trained."""
+    progress: bool = True
+    """Show a line on stderr per read pass and per finished point (done/total, its config, an ETA)."""
+
+    def validate(self) -> None:
+        """Every number in its range (pipeline/config.py's rules) and the seeds, before any work."""
+        check_values(self, "ablate", flags=True)
+        if self.seeds is not None:
+            parse_seeds(self.seeds, "--seeds")
 
 
 def _fmt(v: Any) -> str:
@@ -112,8 +126,9 @@ def read_grid(path: str | Path, seeds: Sequence[int] | None = None) -> tuple[lis
         configs.append(dict(c))
     if not configs:
         configs = [{}]
-    seed_list = list(seeds) if seeds else list(data.get("seeds") or [0])
-    points = [AblatePoint(head, c, int(s)) for c in configs for s in seed_list]
+    seed_list = parse_seeds(seeds, "--seeds") if seeds else parse_seeds(
+        [0] if data.get("seeds") is None else data["seeds"], f"grid file {p}: `seeds:`")
+    points = [AblatePoint(head, c, s) for c in configs for s in seed_list]
     # Validate every config (keys and types) and the fit options before any training starts.
     from .fit import FitConfig
     from .heads import head_class
@@ -125,7 +140,36 @@ def read_grid(path: str | Path, seeds: Sequence[int] | None = None) -> tuple[lis
     if not isinstance(fit, dict):
         raise ProtocacheError(f"grid file {p}: `fit:` must be a mapping of fit options")
     check_keys(fit, [f.name for f in dataclasses.fields(FitConfig)], f"`fit:` (grid file {p})")
+    build_config(FitConfig, fit, f"`fit:` (grid file {p})", noun="option")  # types and ranges of the fit options
     return points, dict(fit)
+
+
+def parse_seeds(value: Any, where: str) -> list[int]:
+    """A list of seeds (integers >= 0); anything else, e.g. `seeds: 3` or `seeds: zero`, is an error saying
+    what to write."""
+    items = value if isinstance(value, (list, tuple)) else None
+    if not items or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in items):
+        one = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 7
+        example = (f"--seeds {one} for the one seed {one}, --seeds 0,1,2 for three seeds" if where.startswith("--")
+                   else f"`seeds: [{one}]` for the one seed {one}, `seeds: [0, 1, 2]` for three seeds")
+        raise ProtocacheError(f"{where} must be a non-empty list of integers >= 0, got {value!r}; e.g. {example}")
+    return [int(s) for s in items]
+
+
+def check_points(points: Sequence[AblatePoint], store: Any, fit_options: dict[str, Any]) -> None:
+    """Every point's fit options and head config resolved against the store exactly as its fit will be,
+    so a bad value anywhere in the grid stops the sweep before the first fit."""
+    from .fit import FitConfig
+    from .heads import resolve_config, store_info
+
+    info = store_info(store)
+    for point in points:
+        try:
+            fit = build_config(FitConfig, {**fit_options, "seed": point.seed, "progress": False}, "fit", noun="option")
+            overrides = {**point.config, **({"epochs": fit.epochs} if fit.epochs is not None else {})}
+            resolve_config(point.head, info, overrides)
+        except ProtocacheError as exc:
+            raise ProtocacheError(f"grid point {point.name}: {exc}; nothing was trained") from None
 
 
 def group_points(points: Sequence[AblatePoint]) -> list[list[AblatePoint]]:
@@ -137,251 +181,162 @@ def group_points(points: Sequence[AblatePoint]) -> list[list[AblatePoint]]:
     return list(groups.values())
 
 
-def point_done(run_dir: Path, point: AblatePoint) -> bool:
+RESUME_MODES = ("retrain", "strict")
+NO_RUN = "no finished run"
+
+
+def point_fit(point: AblatePoint, fit_options: dict[str, Any]):
+    """The FitConfig a point is trained with (its own seed, no progress bar)."""
+    from .fit import FitConfig
+
+    return FitConfig(**{**fit_options, "seed": point.seed, "progress": False})
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=run_files._json_default))
+
+
+def point_difference(run_dir: Path, point: AblatePoint, fit_options: dict[str, Any], store: Any) -> str | None:
+    """None when `run_dir` holds a finished run of exactly this point: the same head, config and seed,
+    the same fit options, on a store with the same fingerprint as `store`; otherwise what differs."""
+    from .runs import store_difference
+
     try:
         config, _ = run_files.read_run(run_dir)
     except ProtocacheError:
-        return False
+        return NO_RUN
     recorded = config.get("ablate_point") or {}
-    return recorded == {"head": point.head, "config": point.config, "seed": point.seed}
+    if _jsonable(recorded) != _jsonable({"head": point.head, "config": point.config, "seed": point.seed}):
+        return f"fitted as another point ({_jsonable(recorded)})"
+    then, now = _jsonable(config.get("fit") or {}), _jsonable(dataclasses.asdict(point_fit(point, fit_options)))
+    differ = [k for k in sorted(set(then) | set(now)) if k != "progress" and then.get(k) != now.get(k)]
+    if differ:
+        return "other fit options (" + ", ".join(f"{k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in differ) + ")"
+    store_diff = store_difference(config, store)
+    if store_diff:
+        return f"fitted on the store before it was re-extracted ({store_diff})"
+    return None
 
 
-# ----------------------------------------------------------------------------- one read pass
+def point_done(run_dir: Path, point: AblatePoint, fit_options: dict[str, Any], store: Any) -> bool:
+    return point_difference(run_dir, point, fit_options, store) is None
 
 
-class _Baton:
-    """Lets exactly one of a group's threads run at a time, round robin, with its own RNG state."""
-
-    def __init__(self, members: int):
-        self.cond = threading.Condition()
-        self.turn = 0
-        self.alive = list(range(members))
-        self.states: dict[int, tuple] = {}
-        self.local = threading.local()
-
-    def _save(self, member: int) -> None:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        self.states[member] = (torch.get_rng_state(), np.random.get_state(), random.getstate(), cuda)
-
-    def _restore(self, member: int) -> None:
-        if member in self.states:
-            t, n, r, cuda = self.states[member]
-            torch.set_rng_state(t)
-            np.random.set_state(n)
-            random.setstate(r)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-
-    def enter(self, member: int) -> None:
-        self.local.member = member
-        with self.cond:
-            self.cond.wait_for(lambda: self.turn == member)
-            self._restore(member)
-
-    def switch(self) -> None:
-        """Hand the turn to the next live member and wait for ours to come back."""
-        member = self.local.member
-        with self.cond:
-            self._save(member)
-            i = self.alive.index(member)
-            self.turn = self.alive[(i + 1) % len(self.alive)]
-            self.cond.notify_all()
-            self.cond.wait_for(lambda: self.turn == member)
-            self._restore(member)
-
-    def leave(self) -> None:
-        member = self.local.member
-        with self.cond:
-            i = self.alive.index(member)
-            self.alive.remove(member)
-            if self.alive:
-                self.turn = self.alive[i % len(self.alive)]
-            self.cond.notify_all()
+def prepare_sweep_dir(out: Path) -> Path:
+    """Make `out` the sweep folder: a missing or empty folder, or a sweep (sweep.json, or only runs and
+    results from before the marker); any other folder is refused with what it holds."""
+    if out.exists() and not out.is_dir():
+        raise ProtocacheError(f"{out} exists and is not a folder; choose another --out.")
+    if out.exists() and not owned.is_sweep_folder(out):
+        ours = {"results.parquet", "summary.png"}
+        foreign = [e for e in out.iterdir()
+                   if not e.name.startswith(".") and e.name not in ours and not owned.is_run_folder(e)]
+        if foreign:
+            owned.refuse_foreign_folder(out, "sweep folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if not owned.is_sweep_folder(out):
+        run_files.write_json(out / owned.SWEEP_MARKER, {"format": 1, "written_by": "protocache ablate"})
+    return out
 
 
-class SharedStore:
-    """A FeatureStore seen by several heads: identical batch streams are read once.
+class SweepProgress:
+    """Lines on stderr as a sweep goes: each read pass as it starts (its configs), each point as its fit
+    finishes (points done / total, its config, its accuracies, elapsed time and an ETA)."""
 
-    `iter_batches` calls with the same arguments share one underlying read; each batch is
-    kept until every head that opened that stream has taken it. `with_splits` (the fit's
-    validation carve-out) gives a view that shares the streams of views with the same
-    splits. Everything else is delegated to the real store.
-    """
+    def __init__(self, total: int, passes: int, enabled: bool = True):
+        self.total, self.passes, self.enabled = total, passes, enabled
+        self.done = 0
+        self.started = time.perf_counter()
+        self.lock = threading.Lock()
 
-    def __init__(self, store: FeatureStore, baton: _Baton, buffer_mb: float = 1024, *,
-                 _streams: dict | None = None, _counts: dict | None = None, _splits: str = ""):
-        self._store, self._baton = store, baton
-        self._streams: dict[tuple, dict[str, Any]] = {} if _streams is None else _streams
-        self._buffer_bytes = buffer_mb * 2**20
-        # batches read from the real store (for tests and the benchmark) and handed to heads
-        self._counts = {"reads": 0, "served": 0} if _counts is None else _counts
-        self._splits = _splits  # which split assignment this view reads ("" = the store's own)
+    def line(self, text: str) -> None:
+        if self.enabled:
+            print(f"ablate: {text}", file=sys.stderr, flush=True)
 
-    @property
-    def reads(self) -> int:
-        return self._counts["reads"]
+    def pass_started(self, index: int, group: Sequence[AblatePoint]) -> None:
+        configs = "; ".join(describe_point(p, seed=False) for p in group)
+        self.line(f"read pass {index + 1}/{self.passes}: {len(group)} point(s), seed {group[0].seed}: {configs}")
 
-    @property
-    def served(self) -> int:
-        return self._counts["served"]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    def with_splits(self, splits: Sequence[str] | np.ndarray) -> "SharedStore":
-        import hashlib
-
-        digest = hashlib.sha256("\n".join(str(x) for x in splits).encode()).hexdigest()
-        return SharedStore(self._store.with_splits(splits), self._baton, self._buffer_bytes / 2**20,
-                           _streams=self._streams, _counts=self._counts, _splits=digest)
-
-    def iter_batches(self, *args, **kwargs) -> Iterator[dict[str, Any]]:
-        key = (self._splits, args,
-               tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())))
-        member = self._baton.local.member
-        stream = self._streams.get(key)
-        if stream is None or member not in stream["waiting"]:
-            # A new stream, or one this head already went through (or gave up on): read anew.
-            # Every live head of the group is expected to ask for the same stream.
-            stream = {"source": self._store.iter_batches(*args, **kwargs), "buffer": [], "dropped": 0,
-                      "cursor": {}, "waiting": set(self._baton.alive) - {member}, "done": False, "bytes": 0}
-            self._streams[key] = stream
-        else:
-            stream["waiting"].discard(member)
-        stream["cursor"][member] = stream["dropped"] if stream["dropped"] else 0
-        return self._consume(stream, member)
-
-    def _consume(self, stream: dict[str, Any], member: int) -> Iterator[dict[str, Any]]:
-        try:
-            while True:
-                i = stream["cursor"][member]
-                if i - stream["dropped"] >= len(stream["buffer"]):
-                    if stream["done"]:
-                        return
-                    try:
-                        batch = next(stream["source"])
-                    except StopIteration:
-                        stream["done"] = True
-                        return
-                    stream["buffer"].append(batch)
-                    stream["bytes"] += sum(getattr(v, "nbytes", 0) for v in batch.values())
-                    self._counts["reads"] += 1
-                batch = stream["buffer"][i - stream["dropped"]]
-                stream["cursor"][member] = i + 1
-                self._trim(stream)
-                self._counts["served"] += 1
-                yield batch
-                self._baton.switch()
-        finally:
-            stream["cursor"].pop(member, None)
-            self._trim(stream)
-
-    def _trim(self, stream: dict[str, Any]) -> None:
-        """Drop batches that every head reading or expected to read the stream has passed."""
-        stream["waiting"] &= set(self._baton.alive)
-        if stream["bytes"] > self._buffer_bytes:
-            stream["waiting"].clear()  # heads that never came read the stream themselves later
-        low = 0 if stream["waiting"] else min(stream["cursor"].values(), default=stream["dropped"] + len(stream["buffer"]))
-        while stream["dropped"] < low and stream["buffer"]:
-            old = stream["buffer"].pop(0)
-            stream["bytes"] -= sum(getattr(v, "nbytes", 0) for v in old.values())
-            stream["dropped"] += 1
+    def point_done(self, point: AblatePoint, metrics: dict[str, Any]) -> None:
+        with self.lock:
+            self.done += 1
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / self.done * (self.total - self.done)
+            acc = ", ".join(f"{k} {metrics[k + '_accuracy']:.3f}" for k in ("val", "test")
+                            if metrics.get(k + "_accuracy") is not None)
+            seconds = metrics.get("fit_seconds", metrics.get("seconds"))
+            fit = f" in {seconds:.1f}s" if seconds is not None else ""
+            self.line(f"[{self.done}/{self.total}] {describe_point(point)}: {acc or 'fitted'}{fit}; "
+                      f"elapsed {_clock(elapsed)}, ETA {_clock(eta)}")
 
 
-def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_options: dict[str, Any],
-              evaluate: bool = False) -> list[dict[str, Any]]:
-    """Train a group of points in one read pass; returns one result row per point."""
-    from .fit import FitConfig, fit_head
-
-    store = FeatureStore.open(store_path)
-    baton = _Baton(len(points))
-    shared = SharedStore(store, baton)
-    results: list[dict[str, Any] | None] = [None] * len(points)
-    heads: list[Any] = [None] * len(points)
-    errors: list[BaseException | None] = [None] * len(points)
-
-    def work(member: int) -> None:
-        baton.enter(member)
-        try:
-            point = points[member]
-            fit = FitConfig(**{**fit_options, "seed": point.seed, "progress": False})
-            started = time.perf_counter()
-            result = fit_head(point.head, store_path, Path(out) / point.name, point.config, fit, store=shared,
-                              extra_config={"ablate_point": {"head": point.head, "config": point.config,
-                                                             "seed": point.seed}})
-            results[member] = {"fit_seconds": time.perf_counter() - started, **result.metrics}
-            heads[member] = result.model
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            errors[member] = exc
-        finally:
-            baton.leave()
-
-    threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in range(len(points))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for exc in errors:
-        if exc is not None:
-            raise exc
-    rows = []
-    for point, metrics, head in zip(points, results, heads):
-        row = _result_row(point, Path(out) / point.name, metrics)
-        row["group_reads"] = shared.reads  # batches read from the store for the whole group
-        row["group_served"] = shared.served  # batches handed to the group's heads
-        row["group_size"] = len(points)
-        if evaluate:  # the fitted head in hand: no reload from the run folder
-            row.update(_eval_row(Path(out) / point.name, head))
-        rows.append(row)
-    return rows
+def describe_point(point: AblatePoint, seed: bool = True) -> str:
+    """`protoquant codebook_size=16 tau=0.1 seed=3` (the head's defaults where the config is empty)."""
+    keys = " ".join(f"{k}={_fmt(v)}" for k, v in sorted(point.config.items())) or "defaults"
+    return f"{point.head} {keys}" + (f" seed={point.seed}" if seed else "")
 
 
-def _result_row(point: AblatePoint, run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {"run": point.name, "run_dir": str(run_dir), "head": point.head, "seed": point.seed,
-            **{f"config.{k}": _fmt(v) if isinstance(v, (list, dict)) else v for k, v in point.config.items()},
-            "train_accuracy": metrics.get("train_accuracy"), "val_accuracy": metrics.get("val_accuracy"),
-            "test_accuracy": metrics.get("test_accuracy"),
-            "prototype_count": metrics.get("prototype_count"),
-            "fit_seconds": metrics.get("fit_seconds", metrics.get("seconds"))}
-
-
-EVAL_KEYS = ("consistency", "stability", "purity", "drift")
-
-
-def _eval_row(run_dir: Path, head: Any = None) -> dict[str, Any]:
-    from .evaluate import EvaluateConfig, evaluate_run
-
-    res = evaluate_run(run_dir, EvaluateConfig(confusion_png=False), head=head)
-    return {k: (res[k].get("value") if isinstance(res[k], dict) else res[k]) for k in EVAL_KEYS}
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     """Run (or resume) a sweep; writes OUT/results.parquet and OUT/summary.png."""
+    cfg.validate()
     points, file_fit = read_grid(cfg.grid_file, cfg.seeds)
     store = FeatureStore.open(cfg.store)
     missing = store.missing_shards()
     if missing:
         raise ProtocacheError(f"{cfg.store}: shards {missing} are not written; complete the store first.")
-    out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume not in RESUME_MODES:
+        raise ProtocacheError(f"--resume must be one of {', '.join(RESUME_MODES)}, not {cfg.resume!r}")
+    # the whole grid, resolved against the store, before anything is written
+    check_points(points, store, {**file_fit, **cfg.fit_options, "device": cfg.device,
+                                 **({"threads": cfg.threads} if cfg.threads else {})})
+    out = prepare_sweep_dir(Path(cfg.out).expanduser())
     fit_options = {**file_fit, **cfg.fit_options, "device": cfg.device}
     if cfg.threads:
         fit_options["threads"] = cfg.threads
     evaluate = cfg.evaluate if cfg.evaluate is not None else "parts_input" in store.metadata().column_names
-    todo = [p for p in points if not point_done(out / p.name, p)]
+    differences = {p.name: point_difference(out / p.name, p, fit_options, store) for p in points}
+    todo = [p for p in points if differences[p.name] is not None]
+    stale = [(name, why) for name, why in differences.items() if why not in (None, NO_RUN)]
+    if stale and cfg.resume == "strict":
+        more = f" (and {len(stale) - 1} more)" if len(stale) > 1 else ""
+        raise ProtocacheError(f"--resume strict: {len(stale)} point(s) in {out} have runs that do not match this "
+                              f"sweep, e.g. {stale[0][0]}: {stale[0][1]}{more}; nothing was trained. Rerun without "
+                              "--resume strict to train them again, or choose another --out.")
+    for p in todo:  # a folder in the way that is not a run is refused before any training
+        run_files.prepare_run_dir(out / p.name, store.path, store.fingerprint, replace=True)
     skipped = len(points) - len(todo)
     if skipped:
         print(f"{skipped} of {len(points)} points already finished; training the other {len(todo)}.",
               file=sys.stderr, flush=True)
+    if stale:
+        print(f"{len(stale)} point(s) have runs that differ from this sweep and are trained again, e.g. "
+              f"{stale[0][0]}: {stale[0][1]}", file=sys.stderr, flush=True)
     groups = group_points(todo)
+    progress = SweepProgress(len(todo), len(groups), cfg.progress)
     store_path = str(Path(store.path).resolve()) if store.is_local else store.location
     if groups and (cfg.workers or cfg.scheduler):
+        from dask.distributed import as_completed
+
         with dask_client(cfg.scheduler, cfg.workers) as client:
             futures = [client.submit(run_group, store_path, g, str(out.resolve()), fit_options, evaluate,
                                      pure=False, retries=1) for g in groups]
+            progress.line(f"{len(groups)} read pass(es), {len(todo)} point(s) sent to the cluster")
+            group_of = {f.key: g for f, g in zip(futures, groups)}
+            for f in as_completed(futures):
+                for point, row in zip(group_of[f.key], f.result()):
+                    progress.point_done(point, row)
             trained = [row for f in futures for row in f.result()]
     else:
-        trained = [row for g in groups for row in run_group(store_path, g, str(out), fit_options, evaluate)]
+        trained = []
+        for i, g in enumerate(groups):
+            progress.pass_started(i, g)
+            trained += run_group(store_path, g, str(out), fit_options, evaluate, on_point_done=progress.point_done)
     evaluated = {row["run"]: {k: row[k] for k in EVAL_KEYS} for row in trained if evaluate}
     rows = []
     for p in points:  # every point, finished now or before, from its run folder
@@ -432,9 +387,7 @@ def write_results(rows: list[dict[str, Any]], path: Path) -> None:
 
     keys = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    owned.replace_file(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path,
@@ -454,7 +407,8 @@ def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path,
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         col = key if key == "seed" else f"config.{key}"
-        values = sorted({r.get(col) for r in rows}, key=lambda v: (isinstance(v, str), v))
+        values = sorted({r.get(col) for r in rows},
+                        key=lambda v: (v is None, isinstance(v, str), "" if v is None else v))
         xs = np.arange(len(values))
         for metric in metrics:
             means, spreads = [], []
@@ -477,6 +431,6 @@ def summary_plot(rows: list[dict[str, Any]], keys: Sequence[str], path: Path,
         fig.suptitle(f"chosen by val: {json.dumps(chosen['config'], sort_keys=True)} "
                      f"(val {chosen['val_accuracy']:.4f}, test {test})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    owned.replace_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return str(path)

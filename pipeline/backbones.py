@@ -97,7 +97,12 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - a renamed pickle, a truncated download, ...: one clear message
+            raise ProtocacheError(f"cannot read {path} as safetensors ({type(exc).__name__}: {str(exc)[:200]}); "
+                                  "pass a real .safetensors file, or a torch state dict saved with torch.save "
+                                  "under another suffix (.pth)") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -8,13 +8,16 @@ count and how long its fit took. Every fit holds out `val_fraction` of the train
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from protocache.stores.errors import ProtocacheError
 
+from .config import check_values
 from .fit import FitConfig, fit_head
 from .heads import list_heads
 
@@ -37,12 +40,19 @@ class BenchConfig:
     """Share of the train split each fit holds out for validation (0: none)."""
     threads: int | None = None
     """Torch threads."""
-    progress: bool = False
-    """Show progress bars and log lines on stderr."""
+    progress: bool = True
+    """Print a line on stderr as each head's fit finishes (heads done / total, accuracies, seconds)."""
+    fit_progress: bool = False
+    """Also show each fit's progress bars and log lines on stderr."""
+
+    def validate(self) -> None:
+        """Every number in its range (pipeline/config.py's rules), before any fit."""
+        check_values(self, "bench-heads", flags=True)
 
 
 def bench_heads(config: BenchConfig) -> list[dict[str, Any]]:
     """Fit each head (the linear probe first) and return one row per head."""
+    config.validate()
     heads = list(config.heads or list_heads())
     unknown = [h for h in heads if h not in list_heads()]
     if unknown:
@@ -52,16 +62,21 @@ def bench_heads(config: BenchConfig) -> list[dict[str, Any]]:
         heads.insert(0, "linear")
     root = Path(config.out).expanduser() if config.out else Path(tempfile.mkdtemp(prefix="protocache-bench-"))
     fit = FitConfig(seed=config.seed, device=config.device, epochs=config.epochs, threads=config.threads,
-                    progress=config.progress, val_fraction=config.val_fraction)
+                    progress=config.fit_progress, val_fraction=config.val_fraction)
+    fit.validate()
     rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
     try:
-        for name in heads:
+        for i, name in enumerate(heads):
             result = fit_head(name, config.store, root / name, {}, fit)
             m = result.metrics
             rows.append({"head": name, "val_accuracy": m.get("val_accuracy"), "test_accuracy": m["test_accuracy"],
                          "train_accuracy": m["train_accuracy"],
                          "prototype_count": m["prototype_count"], "local_size": m.get("local_size"),
                          "fit_seconds": m["seconds"], "run_dir": str(root / name) if config.out else None})
+            if config.progress:
+                print(f"bench-heads: [{i + 1}/{len(heads)}] {head_line(rows[-1], rows[0])}; "
+                      f"{time.perf_counter() - started:.0f}s so far", file=sys.stderr, flush=True)
     finally:
         if not config.out:
             shutil.rmtree(root, ignore_errors=True)
@@ -69,6 +84,15 @@ def bench_heads(config: BenchConfig) -> list[dict[str, Any]]:
     for r in rows:
         r["gap_to_probe_points"] = None if probe is None else round(100 * (r["test_accuracy"] - probe), 2)
     return rows
+
+
+def head_line(row: dict[str, Any], first: dict[str, Any]) -> str:
+    """`protoquant: val 91.20%, test 90.10% (-1.2 points vs the probe), 50 prototypes, 12.3s`."""
+    val = "n/a" if row.get("val_accuracy") is None else f"{100 * row['val_accuracy']:.2f}%"
+    gap = (f" ({100 * (row['test_accuracy'] - first['test_accuracy']):+.1f} points vs the probe)"
+           if first["head"] == "linear" and row is not first else "")
+    return (f"{row['head']}: val {val}, test {100 * row['test_accuracy']:.2f}%{gap}, "
+            f"{row['prototype_count']} prototypes, {row['fit_seconds']:.1f}s")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

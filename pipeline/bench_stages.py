@@ -75,7 +75,7 @@ def bench_extraction(num_images: int = 128, batch_size: int = 32, backbone_name:
     def bare():
         for b in range(0, num_images, batch_size):
             tokens, pooled, logits = backbone.forward(images[b:b + batch_size])
-            tokens.half().numpy()
+            tokens.half().cpu().numpy()  # (the copy to the host is part of the bare cost)
 
     bare()  # warm-up: first-call allocations and kernel selection
     bare_s = _best_of(bare, repeats)
@@ -210,9 +210,9 @@ def bench_cache_vs_backbone(num_images: int = 128, batch_size: int = 32, head: s
         dataset = create_dataset("digits").limit(num_images)
         transform = backbone.transform()
         images = torch.stack([transform(dataset.load_image(i).convert("RGB")) for i in range(num_images)])
-        labels = torch.as_tensor([r["label"] for r in dataset.records])
+        labels = torch.as_tensor([r["label"] for r in dataset.records]).to(backbone.device)
         torch.manual_seed(0)
-        model = create_head(head, store_info(store))
+        model = create_head(head, store_info(store)).to(backbone.device)  # both loops train on the backbone's device
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
         def step(tokens, y):
@@ -223,13 +223,13 @@ def bench_cache_vs_backbone(num_images: int = 128, batch_size: int = 32, head: s
 
         def cache_epoch():
             for b in store.iter_batches(None, batch_size, fields=("tokens", "label"), shuffle=True, seed=0):
-                step(torch.from_numpy(b["tokens"]).float(), torch.from_numpy(b["label"]))
+                step(torch.from_numpy(b["tokens"]).to(backbone.device).float(), torch.from_numpy(b["label"]).to(backbone.device))
 
         def backbone_epoch():
             order = np.random.default_rng(0).permutation(num_images)
             for i in range(0, num_images, batch_size):
                 idx = torch.from_numpy(order[i:i + batch_size])
-                tokens, _, _ = backbone.forward(images[idx])
+                tokens, _, _ = backbone.forward(images[idx])  # (on the backbone's device)
                 step(tokens.half().float(), labels[idx])
 
         cache_epoch()

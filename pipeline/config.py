@@ -11,12 +11,15 @@ import ast
 import dataclasses
 import difflib
 import functools
+import fnmatch
 import inspect
+import math
+import os
 import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from protocache.stores.errors import ProtocacheError
 
@@ -94,7 +97,7 @@ def check_keys(keys: Mapping[str, Any] | list[str], valid: list[str], what: str)
                               f"valid keys: {', '.join(valid)}")
 
 
-def coerce(what: str, key: str, value: Any, hint: Any) -> Any:
+def coerce(what: str, key: str, value: Any, hint: Any, noun: str = "config key") -> Any:
     """Type-check a value from YAML/--set against a field's annotation (ints widen to floats)."""
     if value is None:
         return None
@@ -114,20 +117,168 @@ def coerce(what: str, key: str, value: Any, hint: Any) -> Any:
         if typing.get_origin(want) in (list, tuple) and isinstance(value, (list, tuple)):
             return list(value)
     expected = " or ".join(getattr(a, "__name__", str(a)) for a in args)
-    raise ProtocacheError(f"{what} config key {key!r} expects {expected}, got {value!r}")
+    raise ProtocacheError(f"{what} {noun} {key!r} expects {expected}, got {value!r}")
 
 
-def build_config(cls: type, overrides: Mapping[str, Any] | None, what: str) -> Any:
-    """cls(**overrides) with every key known and every value of the field's type."""
+def build_config(cls: type, overrides: Mapping[str, Any] | None, what: str, noun: str = "config key") -> Any:
+    """cls(**overrides) with every key known, every value of the field's type and every number
+    in its meaning's range (`check_values`). Errors name a field as `{what} {noun} 'key'`."""
     overrides = dict(overrides or {})
     check_keys(overrides, [f.name for f in dataclasses.fields(cls)], what)
     hints = typing.get_type_hints(cls)
-    return cls(**{k: coerce(what, k, v, hints[k]) for k, v in overrides.items()})
+    config = cls(**{k: coerce(what, k, v, hints[k], noun) for k, v in overrides.items()})
+    check_values(config, what, noun=noun)
+    return config
+
+
+# ----------------------------------------------------------------------------- values by meaning
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The values a numeric field may take, by what it means."""
+
+    text: str
+    """How the range reads in an error: ">= 1", "in [0, 1]"."""
+    ok: Callable[[float], bool]
+
+
+AT_LEAST_ONE = Bound(">= 1", lambda v: v >= 1)
+NON_NEGATIVE = Bound(">= 0", lambda v: v >= 0)
+POSITIVE = Bound("> 0", lambda v: v > 0)
+FRACTION = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_ONE = Bound("in [0, 1)", lambda v: 0 <= v < 1)
+
+# What a numeric config field may hold, read from its name: the first pattern (fnmatch) that
+# matches wins. tests/test_config.py checks that every numeric field of every config has a rule.
+VALUE_RULES: tuple[tuple[str, Bound], ...] = (
+    # shares
+    ("val_fraction", BELOW_ONE),  # at least one train image is left to fit on
+    ("*_fraction", FRACTION),
+    ("consistency_threshold", FRACTION),
+    ("*_threshold", NON_NEGATIVE),  # a weight or a use count
+    # counts of passes: the main training needs one; a stage's own epochs may be 0 (skipped)
+    ("epochs", AT_LEAST_ONE),
+    ("*_epochs", NON_NEGATIVE),
+    # sizes and counts of things
+    ("*batch_size", AT_LEAST_ONE),
+    ("*_size", AT_LEAST_ONE),  # chunk, shard, codebook, reference input
+    ("slots_per_class", AT_LEAST_ONE),
+    ("*_per_class", NON_NEGATIVE),  # 0: every prototype with a positive weight / keep all
+    ("num_workers", NON_NEGATIVE),  # 0: decode in the main process
+    ("num_*", AT_LEAST_ONE),
+    ("*_top_k", AT_LEAST_ONE),
+    ("proto_dim", AT_LEAST_ONE),
+    ("kmeans_sample", AT_LEAST_ONE),
+    ("kmeans_iters", AT_LEAST_ONE),
+    ("prune_rounds", AT_LEAST_ONE),
+    ("prune_to", NON_NEGATIVE),  # 0: no pruning
+    ("shards_in_memory", AT_LEAST_ONE),
+    ("feature_cache_mb", NON_NEGATIVE),
+    ("threads", AT_LEAST_ONE),
+    ("workers", AT_LEAST_ONE),
+    ("limit", AT_LEAST_ONE),
+    ("images", NON_NEGATIVE),  # explain: 0 draws the gallery only
+    ("patches", AT_LEAST_ONE),
+    ("top_prototypes", AT_LEAST_ONE),
+    ("max_prototypes", NON_NEGATIVE),
+    ("patch_px", AT_LEAST_ONE),
+    ("seed", NON_NEGATIVE),
+    # learning rates and loss weights
+    ("lr", NON_NEGATIVE),
+    ("*_lr", NON_NEGATIVE),
+    ("weight_decay", NON_NEGATIVE),
+    ("*_weight", NON_NEGATIVE),
+    ("l1", NON_NEGATIVE),
+    ("mixup", NON_NEGATIVE),  # Beta(alpha, alpha); 0 is off
+    # temperatures, scales and lengths that divide or take logs
+    ("tau", POSITIVE),
+    ("*_tau", POSITIVE),
+    ("gumbel_start", POSITIVE),
+    ("gumbel_end", POSITIVE),
+    ("noise_sigma", NON_NEGATIVE),
+    ("patch_cells", POSITIVE),
+    ("consistency_box", POSITIVE),
+    ("purity_patch", POSITIVE),
+)
+
+
+def value_rule(name: str) -> Bound | None:
+    """The Bound of a numeric field called `name` (None: any finite number)."""
+    return next((bound for pattern, bound in VALUE_RULES if fnmatch.fnmatchcase(name, pattern)), None)
+
+
+def _scalar_types(hint: Any) -> list[Any] | None:
+    """[int], [float, ...] for a scalar annotation (None allowed); None for lists, dicts, dataclasses."""
+    args = ([a for a in typing.get_args(hint) if a is not type(None)]
+            if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint])
+    return args if args and all(a in (int, float, bool, str) for a in args) else None
+
+
+def check_values(config: Any, what: str, *, flags: bool = False, noun: str = "config key") -> None:
+    """Every scalar field of a config dataclass has its type, and every number its meaning's range
+    (VALUE_RULES; non-finite floats are refused everywhere). The error names the field as a CLI
+    option (`what: --batch-size`) when `flags`, else as `what noun 'key'`, and says what would be valid."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            continue
+        types_ = _scalar_types(hints.get(f.name))
+        if types_ is not None:
+            try:
+                coerce(what, f.name, value, hints[f.name])
+            except ProtocacheError:
+                expected = " or ".join(t.__name__ for t in types_)
+                raise ProtocacheError(f"{_label(what, f.name, flags, noun)} expects {expected}, "
+                                      f"got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        bound = value_rule(f.name)
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if finite and (bound is None or bound.ok(value)):
+            continue
+        kind = "an integer" if isinstance(value, int) else "a number"
+        rule = f"{kind} {bound.text}" if bound is not None else "a finite number"
+        raise ProtocacheError(f"{_label(what, f.name, flags, noun)} must be {rule}, got {value!r}; "
+                              f"{_suggestion(type(config), f.name, flags)}")
+
+
+def _label(what: str, key: str, flags: bool, noun: str) -> str:
+    return f"{what}: --{key.replace('_', '-')}" if flags else f"{what} {noun} {key!r}"
+
+
+def _suggestion(cls: type, key: str, flags: bool) -> str:
+    """e.g. `--batch-size 64 (the default)`, or `leave it unset` where the default is derived."""
+    try:
+        default = field_default(cls, key)
+    except KeyError:
+        default = None
+    if default is None:
+        return f"leave --{key.replace('_', '-')} out for the default" if flags else "leave it unset for the default"
+    return f"e.g. --{key.replace('_', '-')} {default} (the default)" if flags else f"e.g. {key}={default} (the default)"
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """A folder can be written at `path` through a sibling (outputs are staged next to it and renamed
+    into place): it is a folder or absent, and its parent's nearest existing ancestor is a folder this
+    process may write in. Checked before any work; URLs (s3://...) are left to their filesystem."""
+    if "://" in str(path):
+        return
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise ProtocacheError(f"{flag} {path} exists and is not a folder; choose another {flag}")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ProtocacheError(f"{flag} {path}: {ancestor} is a file, not a folder; choose another {flag}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ProtocacheError(f"{flag} {path}: cannot write in {ancestor} (permission denied or read-only); "
+                              f"choose a folder you can write to as {flag}")
 
 
 # ----------------------------------------------------------------------------- YAML and --set
-
-
 
 
 def yaml_number(value: Any) -> Any:

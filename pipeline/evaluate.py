@@ -25,8 +25,9 @@ from protocache.stores.errors import ProtocacheError
 from protocache.stores.runs import read_run, write_json
 
 from . import metrics as M
+from .config import check_values
 from .heads import Head
-from .runs import load_run, run_splits
+from .runs import check_run_store, load_run, open_run_store
 from .runtime import resolve_device
 
 EVIDENCE = ("purity", "consistency")  # RUN/eval-<split>/<name>.parquet
@@ -51,6 +52,11 @@ class EvaluateConfig:
     """Also draw the confusion matrix as RUN/confusion-<split>.png."""
     metric: M.MetricConfig = field(default_factory=M.MetricConfig)
     """Boxes, thresholds and top-k sizes of the interpretability metrics."""
+
+    def validate(self) -> None:
+        """Every number in its range (pipeline/config.py's rules), the metrics' sizes too, before any work."""
+        check_values(self, "evaluate", flags=True)
+        check_values(self.metric, "evaluate metric")
 
 
 def _keypoints(store: FeatureStore) -> np.ndarray | None:
@@ -97,12 +103,13 @@ def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, head: H
     RUN/eval-<split>/ (and the confusion matrix as RUN/confusion-<split>.png) and returns the results.
     `head` is the run's head when the caller already holds it (e.g. right after fitting)."""
     cfg = cfg or EvaluateConfig()
+    cfg.validate()
     run_dir = Path(run_dir)
     if head is None:
         head, config, run_metrics = load_run(run_dir, device=cfg.device)
     else:
         config, run_metrics = read_run(run_dir)
-    store = run_splits(run_dir, FeatureStore.open(config["store"]["path"]), config)  # "val": the fit's rows
+    store = open_run_store(run_dir, config)  # refused if re-extracted since the fit; "val": the fit's rows
     results, evidence = _evaluate(head, store, cfg)
     results = {"run": str(run_dir), **results}
     if "local_size_before_topk" in run_metrics:
@@ -316,7 +323,9 @@ def _drift(head, store: FeatureStore, cfg: EvaluateConfig, input_size, device) -
                                  input_size)
     survivals = [out[v]["topk_overlap"] for v in views]
     if cfg.compare_run:
-        other = load_run(cfg.compare_run, device=str(device)).head
+        other_run = load_run(cfg.compare_run, device=str(device))
+        check_run_store(cfg.compare_run, other_run.config, store)  # the second run is fitted on this store too
+        other = other_run.head
         matched = M.matched_overlap(clean.topk, _patch_stream(other, store, cfg, "clean", device).topk)
         out["other_run"] = {"run": str(cfg.compare_run), **matched}
         survivals.append(matched["matched_topk_overlap"])

@@ -23,8 +23,11 @@ import torch
 
 from protocache.stores import FeatureStore, StoreLayout, default_shard_size
 from protocache.stores.errors import ProtocacheError
+from protocache.stores.owned import check_extract_out
+from protocache.stores.shards import shards_to_write
 
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
+from .config import check_values
 from .datasets import Dataset, create_dataset
 from .geometry import input_space_annotations
 from .runtime import dask_client, pin_threads
@@ -78,6 +81,9 @@ class ExtractConfig:
     """none | zstd[:level] for the arrays."""
     overwrite: bool = False
     """Delete an existing store at --out first."""
+    repair: bool = False
+    """Check every chunk's checksum (and NaN/Inf) of the written shards first and rewrite those that fail
+    (without it, only a quick check: truncated or overwritten shard files, checksums of the small arrays)."""
     progress: bool = True
     """Show a progress bar."""
     dataset_options: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +94,14 @@ class ExtractConfig:
         if self.out:
             return self.out if "://" in self.out else Path(self.out).expanduser()
         return Path("cache") / f"{self.dataset}_{self.backbone}.zarr"
+
+    def validate(self) -> None:
+        """Every number in its range (pipeline/config.py's rules) and a shard of whole chunks, before any work."""
+        check_values(self, "extract", flags=True)
+        if self.shard_size and self.shard_size % self.chunk_size:
+            fit = self.chunk_size * max(1, round(self.shard_size / self.chunk_size))
+            raise ProtocacheError(f"extract: --shard-size {self.shard_size} must be a multiple of --chunk-size "
+                                  f"{self.chunk_size}, e.g. --shard-size {fit}")
 
 
 @dataclass
@@ -243,6 +257,8 @@ def _default_workers() -> int:
 def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
                   backbone: Backbone | None = None) -> tuple[FeatureStore, Dataset, Backbone]:
     """Build the dataset and backbone, then create the store (or reopen it if it matches)."""
+    cfg.validate()
+    check_extract_out(cfg.out_path(), cfg.root, cfg.overwrite)  # before anything is read or written
     if cfg.on_bad_image not in ("error", "skip"):
         raise ProtocacheError(f"--on-bad-image must be error or skip, not {cfg.on_bad_image!r}")
     parse_views(cfg.views)
@@ -373,7 +389,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract a whole dataset into a store; on an existing store only missing shards are written."""
     started = time.perf_counter()
     store, dataset, backbone = prepare_store(cfg)
-    todo = store.missing_shards()
+    todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
     total = store.layout.num_shards
     if not todo:
         _log(f"{store.path} is complete ({total} shards); nothing to do.")
@@ -442,7 +458,7 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
 
     started = time.perf_counter()
     store, _, _ = prepare_store(cfg)
-    todo = store.missing_shards()
+    todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
     total = store.layout.num_shards
     if not todo:
         _log(f"{store.path} is complete ({total} shards); nothing to do.")

@@ -5,15 +5,12 @@ A head's recipe (its ``fit(ctx)`` method, in its own file under pipeline/heads/)
 ``fit_head`` builds the head, runs its recipe, measures accuracy and writes the run folder
 through ``stores/runs.py``.
 
-Data comes from the store in batches. A split that spans at most `shards_in_memory`
-shards is read once and kept (that many shards is the memory bound anyway); a larger
-one is streamed from the store every epoch with ``FeatureStore.iter_batches``, so memory
-stays flat as the store grows. Per-image features derived from frozen parts (ProtoQuant
-presence with frozen codes, ProtoPool slot similarities for last-layer tuning, pooled
-features for the probe) are kept in RAM while they fit in `feature_cache_mb`, and
-recomputed from the tokens each epoch otherwise.
+Data comes from the store in batches (pipeline/sources.py): memory stays bounded by
+`shards_in_memory` shards of tokens plus `feature_cache_mb` of derived per-image features
+(ProtoQuant presence with frozen codes, ProtoPool slot similarities for last-layer tuning,
+pooled features for the probe).
 
-Validation: `val_fraction` of the store's train split is carved out as split "val"
+Validation (pipeline/validation.py): `val_fraction` of the store's train split is carved out as split "val"
 (stratified by label with scikit-learn's rule, seeded by the fit seed) before the recipe
 runs. The recipe sees the store through a view in which "train" is the remaining rows
 and "val" the carved ones, so every choice made while fitting (k-means sample, teacher,
@@ -35,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -44,13 +41,14 @@ from protocache.stores import FeatureStore
 from protocache.stores import runs as run_files
 from protocache.stores.errors import MissingShardError, ProtocacheError
 
+from .config import build_config, check_values
 from .heads import Head, StoreInfo, head_class, resolve_config, store_info
-from .runs import with_val_rows
 from .runtime import pin_threads, resolve_device, seed_everything
+# (ArraySplit, MappedSplit and Validation are re-exported: the recipe-facing names of the fit stage)
+from .sources import ArraySplit, Batches, MappedSplit, StoreSplit, derive, epoch_seed, to_torch  # noqa: F401
+from .validation import VAL_ROWS, Validation, check_val_fraction, store_with_validation, validation_split  # noqa: F401
 
 RUN_FORMAT = 1
-VAL_ROWS = "val_rows.npy"
-"""The run file holding the validation rows (store row indices, int64, sorted)."""
 
 
 @dataclass
@@ -77,6 +75,12 @@ class FitConfig:
     progress: bool = True
     """Show progress bars and log lines on stderr."""
 
+    def validate(self) -> None:
+        """Every option of its type and in its range (pipeline/config.py's rules), before any work."""
+        if isinstance(self.val_fraction, (int, float)) and not isinstance(self.val_fraction, bool):
+            check_val_fraction(self.val_fraction)  # its own message: what 0 means
+        check_values(self, "fit", noun="option")
+
 
 @dataclass
 class FitResult:
@@ -86,193 +90,6 @@ class FitResult:
     config: dict[str, Any]
     model: Head | None = None
     """The fitted head itself (eval mode), so callers need not reload it from the run folder."""
-
-
-# ----------------------------------------------------------------------------- data sources
-
-
-class Batches(Protocol):
-    num_rows: int
-
-    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        ...
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-class StoreSplit:
-    """One split of a store as batches of the given fields (numpy, float16 arrays)."""
-
-    def __init__(self, store: FeatureStore, split: str, fields: tuple[str, ...], seed: int = 0,
-                 shards_in_memory: int = 2):
-        self.store, self.split, self.fields, self.seed = store, split, tuple(fields), seed
-        self.shards_in_memory = max(1, shards_in_memory)
-        rows = store.split_rows(split)
-        self.num_rows = int(len(rows))
-        shards = np.unique(np.asarray(rows) // store.layout.shard_size)
-        self.resident = len(shards) <= self.shards_in_memory
-        self._arrays: dict[str, np.ndarray] | None = None
-
-    def _load(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
-            parts: dict[str, list[np.ndarray]] = {f: [] for f in self.fields}
-            for b in self.store.iter_batches(self.split, batch_size=4096, fields=self.fields,
-                                             shards_in_memory=self.shards_in_memory):
-                for f in self.fields:
-                    parts[f].append(b[f])
-            self._arrays = {f: np.concatenate(v) if v else np.zeros((0,)) for f, v in parts.items()}
-        return self._arrays
-
-    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        seed = _epoch_seed(self.seed, epoch)
-        if not self.resident:
-            yield from self.store.iter_batches(self.split, batch_size=batch_size, fields=self.fields,
-                                               shuffle=shuffle, seed=seed, shards_in_memory=self.shards_in_memory)
-            return
-        arrays = self._load()
-        order = np.random.default_rng(seed).permutation(self.num_rows) if shuffle else np.arange(self.num_rows)
-        for i in range(0, self.num_rows, batch_size):
-            idx = order[i:i + batch_size]
-            yield {f: v[idx] for f, v in arrays.items()}
-
-
-class ArraySplit:
-    """In-memory per-image arrays with the same batches() interface."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], seed: int = 0):
-        self.arrays, self.seed = arrays, seed
-        self.num_rows = int(len(next(iter(arrays.values()))))
-
-    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        order = (np.random.default_rng(_epoch_seed(self.seed, epoch)).permutation(self.num_rows)
-                 if shuffle else np.arange(self.num_rows))
-        for i in range(0, self.num_rows, batch_size):
-            idx = order[i:i + batch_size]
-            yield {f: v[idx] for f, v in self.arrays.items()}
-
-
-class MappedSplit:
-    """A source whose batches go through `fn` on the fly (derived features too big to keep)."""
-
-    def __init__(self, source: Batches, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]):
-        self.source, self.fn = source, fn
-        self.num_rows = source.num_rows
-
-    def batches(self, batch_size: int, epoch: int = 0, shuffle: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        for b in self.source.batches(batch_size, epoch=epoch, shuffle=shuffle):
-            yield self.fn(b)
-
-
-def derive(source: Batches, fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], budget_mb: float,
-           batch_size: int = 256) -> Batches:
-    """Per-image features fn(batch) of a whole split: kept in RAM if under budget, else recomputed."""
-    parts: dict[str, list[np.ndarray]] = {}
-    used = 0
-    for b in source.batches(batch_size, shuffle=False):
-        out = fn(b)
-        used += sum(v.nbytes for v in out.values())
-        if used > budget_mb * 2**20:
-            return MappedSplit(source, fn)
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v)
-    return ArraySplit({k: np.concatenate(v) for k, v in parts.items()}, seed=getattr(source, "seed", 0))
-
-
-def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in batch.items():
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        t = t.long() if k in ("label", "row") else t.float()
-        out[k] = t.to(device)
-    return out
-
-
-# ----------------------------------------------------------------------------- validation split
-
-
-@dataclass
-class Validation:
-    """The validation split of one fit: where it came from and its rows."""
-
-    fraction: float
-    seed: int
-    source: str
-    """carved (from the store's train split) | store (the store's own val split) | none."""
-    rows: np.ndarray
-    """Store rows of the validation images, sorted."""
-    num_train: int
-    """Train images left for fitting."""
-    notes: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"fraction": self.fraction, "seed": self.seed, "source": self.source, "num_val": int(len(self.rows)),
-                "num_train": self.num_train, "rows_file": VAL_ROWS if len(self.rows) else None, "notes": self.notes}
-
-
-def check_val_fraction(fraction: float) -> float:
-    try:
-        value = float(fraction)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0.0 <= value < 1.0:
-        raise ProtocacheError(f"val_fraction must be in [0, 1), got {fraction!r}; e.g. --val-fraction 0.1, "
-                              "or 0 to train on the whole train split")
-    return value
-
-
-def carve_validation(train_rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int
-                     ) -> tuple[np.ndarray, list[str]]:
-    """Validation rows carved from `train_rows` (labels[i] is the label of train_rows[i]): sorted rows, notes.
-
-    scikit-learn's stratified rule (`train_test_split(..., stratify=labels)`, ceil(fraction * n)
-    images held out, each class in proportion), seeded by `seed`. A class with a single
-    train image keeps it in train; when the held-out count cannot cover every class (or
-    leave one of each in train), the rows are drawn uniformly instead. Both are noted.
-    """
-    from sklearn.model_selection import train_test_split
-
-    train_rows = np.asarray(train_rows, dtype=np.int64)
-    labels = np.asarray(labels)
-    notes: list[str] = []
-    if fraction <= 0 or train_rows.size == 0:
-        return np.zeros(0, dtype=np.int64), notes
-    classes, counts = np.unique(labels, return_counts=True)
-    single = classes[counts < 2]
-    if single.size:
-        notes.append(f"class(es) {[int(c) for c in single]} have a single train image: kept in train, none in val")
-    eligible = ~np.isin(labels, single)
-    rows, y = train_rows[eligible], labels[eligible]
-    if rows.size == 0:
-        raise ProtocacheError("cannot carve a validation split: every class has a single train image; "
-                              "pass --val-fraction 0 (fit option val_fraction: 0)")
-    state = int(seed) % 2**32
-    try:
-        _, val = train_test_split(rows, test_size=fraction, random_state=state, stratify=y)
-    except ValueError as exc:  # fewer held-out (or kept) images than classes
-        notes.append(f"no stratified split possible ({exc}); val drawn uniformly at random instead")
-        _, val = train_test_split(rows, test_size=fraction, random_state=state, shuffle=True)
-    return np.sort(np.asarray(val, dtype=np.int64)), notes
-
-
-def validation_split(store: Any, fraction: float, seed: int) -> Validation:
-    """The validation split of a fit (see the module docstring)."""
-    train = np.asarray(store.split_rows("train"), dtype=np.int64)
-    if fraction <= 0:
-        return Validation(0.0, seed, "none", np.zeros(0, dtype=np.int64), int(train.size), [])
-    own = np.asarray(store.split_rows("val"), dtype=np.int64)
-    if own.size:
-        return Validation(fraction, seed, "store", own, int(train.size),
-                          [f"the store has its own val split ({own.size} images): used as is, nothing carved "
-                           "from train"])
-    rows, notes = carve_validation(train, store.labels()[train], fraction, seed)
-    return Validation(fraction, seed, "carved", rows, int(train.size - rows.size), notes)
-
-
-def store_with_validation(store: Any, validation: Validation) -> Any:
-    """The store as a recipe sees it: split "val" = the carved rows, "train" = the rest."""
-    return with_val_rows(store, validation.rows) if validation.source == "carved" else store
 
 
 # ----------------------------------------------------------------------------- context
@@ -327,7 +144,7 @@ class FitContext:
 
     def numpy_rng(self, salt: int) -> np.random.Generator:
         """A numpy generator of its own for a recipe's random draws (e.g. mixup), seeded by the fit seed."""
-        return np.random.default_rng(_epoch_seed(self.fit.seed, salt))
+        return np.random.default_rng(epoch_seed(self.fit.seed, salt))
 
     def next_epoch(self) -> int:
         """A fresh epoch number for batch shuffling (distinct across stages)."""
@@ -335,7 +152,7 @@ class FitContext:
         return self._epoch_counter
 
     def torch_generator(self, salt: int) -> torch.Generator:
-        return torch.Generator().manual_seed(_epoch_seed(self.fit.seed, 10_000 + salt))
+        return torch.Generator().manual_seed(epoch_seed(self.fit.seed, 10_000 + salt))
 
     def progress(self, total: int, desc: str):
         from tqdm.auto import tqdm
@@ -356,13 +173,19 @@ class FitContext:
                 for i, b in enumerate(source.batches(batch_size, epoch=self.next_epoch(), shuffle=True)):
                     batch = to_torch(b, self.device)
                     loss = step(batch, epoch + i / steps)
+                    value = float(loss.detach())
+                    if not math.isfinite(value):  # stop before the weights take a NaN step; no run is written
+                        raise ProtocacheError(
+                            f"{stage}: the loss is {value} at epoch {epoch + 1}, step {i + 1}: training diverged "
+                            "and was stopped, nothing was written. Lower the learning rate (e.g. --set lr=...), "
+                            "and check the store with `protocache verify`.")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     if after_step is not None:
                         after_step()
                     n = len(batch["label"])
-                    total += float(loss.detach()) * n
+                    total += value * n
                     count += n
                     bar.update(1)
                 mean = total / max(count, 1)
@@ -437,17 +260,23 @@ def _package_version() -> str:
 
 def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: dict[str, Any] | None = None,
              fit: FitConfig | None = None, *, store: Any = None,
-             extra_config: dict[str, Any] | None = None) -> FitResult:
+             extra_config: dict[str, Any] | None = None, replace: bool = False) -> FitResult:
     """Fit head `name` on the store and write RUN/ (weights, config, metrics, log).
+
+    The run is written into a hidden sibling and renamed into place when complete, so a
+    failed or killed re-fit leaves the previous run whole. `replace` lets the fit replace a
+    run fitted on another store (ablate re-training a stale point); fit-head refuses that.
 
     `store` may be an already opened store (or a wrapper with the same API, e.g. the
     ablation's shared reader); `extra_config` is merged into config.json.
     """
     fit = fit or FitConfig()
+    fit.validate()
     head_class(name)  # unknown names fail before any work
     overrides = dict(head_config or {})
     if fit.epochs is not None:
         overrides["epochs"] = fit.epochs
+    build_config(head_class(name).config_class, overrides, f"head {name!r}")  # keys, types, ranges: before the store
     if store is None:
         store = open_complete_store(store_path)
     elif store.missing_shards():
@@ -456,9 +285,10 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     info = store_info(store)
     config = resolve_config(name, info, overrides)  # unknown keys fail before the run folder is touched
     validation = validation_split(store, check_val_fraction(fit.val_fraction), fit.seed)
-    run_dir = run_files.prepare_run_dir(out, store.path, store.fingerprint)
+    run_dir = run_files.prepare_run_dir(out, store.path, store.fingerprint, replace=replace)
+    staging = run_files.begin_run(run_dir)  # written here, renamed to run_dir when complete
     echo = (lambda m: print(m, file=sys.stderr, flush=True)) if fit.progress else None
-    log = run_files.RunLog(run_dir, echo=echo)
+    log = run_files.RunLog(staging, echo=echo)
     pin_threads(fit.threads)
     seed_everything(fit.seed)
     device = resolve_device(fit.device)
@@ -509,11 +339,12 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
         "versions": {"protocache": _package_version(), "torch": torch.__version__.split("+")[0]},
         **(extra_config or {}),
     }
-    run_files.save_tensors(run_dir / run_files.WEIGHTS, head.state_dict(),
+    run_files.save_tensors(staging / run_files.WEIGHTS, head.state_dict(),
                            metadata={"head": name, "format": str(RUN_FORMAT)})
-    run_files.write_json(run_dir / run_files.CONFIG, config_json)
-    write_val_rows(run_dir, validation.rows)  # before metrics.json: a finished run always has its val rows
-    run_files.write_json(run_dir / run_files.METRICS, metrics)
+    run_files.write_json(staging / run_files.CONFIG, config_json)
+    write_val_rows(staging, validation.rows)  # before metrics.json: a finished run always has its val rows
+    run_files.write_json(staging / run_files.METRICS, metrics)
     log(f"{name}: train accuracy {train_acc:.4f}, {val_text(val_acc)}, test accuracy {test_acc:.4f}, "
         f"{head.prototype_count} prototypes, {seconds:.1f}s")
+    run_files.finish_run(staging, run_dir)
     return FitResult(str(run_dir), name, metrics, config_json, head)

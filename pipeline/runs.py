@@ -1,5 +1,10 @@
 """Load a finished run folder back as a head, and see its store split as the fit did:
-what evaluate, explain, ablate and predict read."""
+what evaluate, explain, ablate and predict read.
+
+`open_run_store` is the one door to a run's store: it refuses a store whose fingerprint is
+no longer the one the run was fitted on (re-extracted with other weights, images, views...),
+naming the fields that differ, so no head is ever measured or drawn on features it was not
+fitted on."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import numpy as np
 
 from protocache.stores import runs as run_files
 from protocache.stores.errors import ProtocacheError
+from protocache.stores.fingerprint import compare_fingerprints, describe_difference
 
 from .heads import Head, StoreInfo, create_head
 from .runtime import resolve_device
@@ -30,6 +36,43 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
     head = create_head(config["head"], info, **config["head_config"])
     head.load_weights(run_files.load_tensors(Path(run_dir) / run_files.WEIGHTS))
     return Run(head.to(resolve_device(device)).eval(), config, metrics)
+
+
+def store_difference(config: dict[str, Any], store: Any) -> str | None:
+    """None when `store` has the fingerprint the run (its config.json) recorded at fit time; otherwise
+    one line naming each differing field, its value at fit time and now."""
+    recorded = (config.get("store") or {}).get("fingerprint") or {}
+    differ = compare_fingerprints(recorded, dict(store.fingerprint))
+    if not differ:
+        return None
+    lines = describe_difference(recorded, dict(store.fingerprint), differ).splitlines()
+    return "; ".join(line.strip().replace(": store has ", ": at fit time ", 1) for line in lines)
+
+
+def check_run_store(run_dir: str | Path, config: dict[str, Any], store: Any) -> None:
+    """Raise RunMismatch unless `store` still has the fingerprint run `run_dir` was fitted on."""
+    difference = store_difference(config, store)
+    if difference:
+        raise run_files.RunMismatch(
+            f"{run_dir} was fitted on {store.path} before it was re-extracted with other inputs, so its head "
+            f"does not fit these features (fingerprint fields that differ: {difference}); refit the run on the "
+            "store as it is now (`protocache fit-head`), or point it at the store it was fitted on.")
+
+
+def open_run_store(run_dir: str | Path, config: dict[str, Any] | None = None, store: Any = None) -> Any:
+    """The store run `run_dir` was fitted on (config.json's store path, unless `store` is given),
+    checked against the fingerprint the run recorded, and split as the fit saw it ("val" = the
+    fit's validation rows). What evaluate, explain and ablate read a run's features through."""
+    from protocache.stores import FeatureStore
+
+    config = config if config is not None else run_files.read_json(Path(run_dir) / run_files.CONFIG)
+    if store is None:
+        path = (config.get("store") or {}).get("path")
+        if not path:
+            raise ProtocacheError(f"{run_dir}/config.json names no store path; refit the run (`protocache fit-head`)")
+        store = FeatureStore.open(path)
+    check_run_store(run_dir, config, store)
+    return run_splits(run_dir, store, config)
 
 
 def val_rows(run_dir: str | Path, config: dict[str, Any] | None = None) -> np.ndarray | None:

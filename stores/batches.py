@@ -149,6 +149,59 @@ def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
                 thread.join(timeout=0.01)
 
 
+class NonFiniteValues(ProtocacheError):
+    """Store arrays holding NaN or Inf where a consumer needs finite numbers."""
+
+
+def nonfinite_mask(block: np.ndarray) -> np.ndarray:
+    """Per row of `block`, whether any of its values is NaN or +-Inf."""
+    flat = block.reshape(len(block), -1)
+    if flat.dtype == np.float16:  # exponent bits all ones: ~10x faster than np.isfinite on float16
+        return ((flat.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+    if np.issubdtype(flat.dtype, np.floating):
+        return ~np.isfinite(flat).all(axis=1)
+    return np.zeros(len(flat), dtype=bool)
+
+
+def has_nonfinite(block: np.ndarray) -> bool:
+    """Whether `block` holds any NaN or +-Inf (a fast check of a whole batch)."""
+    if block.dtype == np.float16:
+        return block.size > 0 and int((block.view(np.uint16) & 0x7C00).max()) == 0x7C00
+    if np.issubdtype(block.dtype, np.floating):
+        return not np.isfinite(block).all()
+    return False
+
+
+def nonfinite_rows(store: "FeatureStore", rows: Sequence[int] | np.ndarray, name: str, view: str = CLEAN
+                   ) -> np.ndarray:
+    """Which of `rows` hold NaN or Inf in array `name` (read a whole shard at a time, in row order)."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    bad: list[np.ndarray] = []
+    for shard in np.unique(rows // store.layout.shard_size).tolist():
+        start, stop = store.layout.shard_bounds(shard)
+        wanted = rows[(rows >= start) & (rows < stop)]
+        mask = nonfinite_mask(store.read(name, start, stop, view))
+        bad.append(wanted[mask[wanted - start]])
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def require_finite(store: "FeatureStore", split: str | None, batch: dict[str, np.ndarray], view: str = CLEAN
+                   ) -> None:
+    """Raise NonFiniteValues naming the rows of `split` whose arrays in `batch` hold NaN or Inf.
+
+    The check of a batch is fast; only when it fails is the split scanned for every bad row.
+    """
+    for name in ARRAY_NAMES:
+        if name in batch and has_nonfinite(np.asarray(batch[name])):
+            rows = nonfinite_rows(store, store.split_rows(split), name, view).tolist()
+            shown = ", ".join(map(str, rows[:10])) + (f", ... ({len(rows)} in all)" if len(rows) > 10 else "")
+            raise NonFiniteValues(
+                f"{store.path}: the {name} of {len(rows)} image(s) of split {split!r} hold NaN or Inf values "
+                f"(rows {shown}); nothing can be fitted on them. `protocache verify {store.path}` lists them per "
+                "shard; re-run the `protocache extract` command that made the store with --repair to re-extract "
+                "those shards (if they come back non-finite the backbone overflows: add --precision fp32).")
+
+
 def as_batch(batch: dict[str, np.ndarray], as_torch: bool) -> dict[str, Any]:
     """The batch as it is, or as torch tensors (torch is imported only then: stores import no models)."""
     if not as_torch:

@@ -31,11 +31,12 @@ import zarr
 
 from . import batches
 from . import metadata as meta
+from . import owned
 from . import shards
 from .errors import FingerprintMismatch, MissingShardError, ProtocacheError, StoreNotFound
 from .fingerprint import compare_fingerprints, describe_difference, describe_layout_difference
 from .layout import (ATTRS_KEY, CLEAN, FORMAT_VERSION, StoreLayout, array_path, create_arrays, default_shard_size,
-                     stored_arrays, zarr_store)
+                     layout_matches, stored_arrays, zarr_store)
 
 __all__ = ["FeatureStore", "StoreLayout", "CLEAN", "FORMAT_VERSION", "default_shard_size"]
 
@@ -65,11 +66,14 @@ class FeatureStore:
 
         `path` is a local path or an fsspec URL (s3://..., gs://..., memory://...).
         Raises FingerprintMismatch naming the differing fields otherwise; pass
-        overwrite=True (CLI: --overwrite) to delete the old store first.
+        overwrite=True (CLI: --overwrite) to delete the old store first: only a protocache
+        store holding nothing but its own files (or an empty folder) is deleted, anything
+        else is refused with what it holds.
         """
         fs, root = fsspec.core.url_to_fs(str(path))
         if overwrite and fs.exists(root):
-            fs.rm(root, recursive=True)
+            owned.check_store_replaceable(fs, root, str(path))  # only a store of ours (or an empty folder) goes
+            owned.remove_store(fs, root)
         if fs.exists(f"{root}/zarr.json"):
             store = cls.open(path, mode="r+")
             differ = compare_fingerprints(store.fingerprint, fingerprint)
@@ -79,7 +83,7 @@ class FeatureStore:
                     f"{describe_difference(store.fingerprint, fingerprint, differ)}\n"
                     "Write to a new --out path, or pass --overwrite to replace this store."
                 )
-            if store.layout != layout:
+            if not layout_matches(store.layout, layout):  # an older store keeps its own checksum codecs
                 raise FingerprintMismatch(
                     f"{path} has another layout ({describe_layout_difference(store.layout, layout)}). "
                     "Use the same options or a new --out path."
@@ -175,7 +179,8 @@ class FeatureStore:
                 data = arrays[view][name]
                 if data.shape[0] != stop - start:
                     raise ValueError(f"shard {shard_index} {view}/{name}: {data.shape[0]} rows, expected {stop - start}")
-                self.group[array_path(name, view)][start:stop] = np.asarray(data, dtype=np.float16)
+                array = self.group[array_path(name, view)].with_config({"write_empty_chunks": True})  # zeros too
+                array[start:stop] = np.asarray(data, dtype=np.float16)
         table = rows if isinstance(rows, pa.Table) else meta.rows_to_table(rows)
         if table.num_rows != stop - start:
             raise ValueError(f"shard {shard_index}: {table.num_rows} metadata rows, expected {stop - start}")
@@ -203,7 +208,8 @@ class FeatureStore:
 
     def read(self, name: str, start: int, stop: int, view: str = CLEAN) -> np.ndarray:
         self.require_rows(start, stop)
-        return self.array(name, view)[start:stop]
+        arr = self.array(name, view)
+        return shards.checked_read(self, array_path(name, view), start, stop, lambda: arr[start:stop])
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray, view: str = CLEAN) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -211,7 +217,9 @@ class FeatureStore:
             arr = self.array(name, view)
             return np.zeros((0,) + arr.shape[1:], dtype=arr.dtype)
         self.require_rows(int(rows.min()), int(rows.max()) + 1)
-        return self.array(name, view).get_orthogonal_selection((rows,) + (slice(None),) * (self.array(name, view).ndim - 1))
+        arr = self.array(name, view)
+        return shards.checked_read(self, array_path(name, view), int(rows.min()), int(rows.max()) + 1,
+                                   lambda: arr.get_orthogonal_selection((rows,) + (slice(None),) * (arr.ndim - 1)))
 
     def metadata(self) -> pa.Table:
         """All metadata rows in row order (raises if a shard is missing)."""

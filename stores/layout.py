@@ -2,11 +2,19 @@
 
 Pure key and shape arithmetic plus the one place that creates the Zarr arrays, so the
 bytes a store is made of are decided here and nowhere else.
+
+Checksums: every array ends its codec chain with zarr v3's ``crc32c`` codec, so each inner
+chunk of a tokens shard (and each pooled/logits chunk, one per shard) carries a CRC-32C of
+its bytes that zarr checks on every read; the sharding codec's index carries its own. The
+layout records it (``checksum: "crc32c"``). A store written before checksums existed has no
+``checksum`` key in its layout (read as None) and no crc32c codec in its arrays' zarr.json;
+zarr reads each array with the codecs its zarr.json names, so such a store still opens and
+reads, and resuming it keeps its own codecs (see `layout_matches`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import fsspec
 import zarr
@@ -19,6 +27,8 @@ ATTRS_KEY = "protocache"
 CLEAN = "clean"
 ARRAY_NAMES = ("tokens", "pooled", "logits")
 TARGET_SHARD_BYTES = 150 * 2**20
+CHECKSUM = "crc32c"
+CHECKSUMS = (CHECKSUM, None)
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,9 @@ class StoreLayout:
     """Views cached: clean, and optional hflip / noise copies of the same arrays."""
     compressor: str | None = None
     """none | zstd[:level] for every array."""
+    checksum: str | None = CHECKSUM
+    """crc32c: a CRC-32C per inner chunk of every array, checked on read; None: a store written
+    before checksums (its layout has no `checksum` key)."""
 
     @property
     def num_tokens(self) -> int:
@@ -72,7 +85,18 @@ class StoreLayout:
         d = dict(d)
         d["grid"] = tuple(d["grid"])
         d["views"] = tuple(d["views"])
+        d.setdefault("checksum", None)  # written before per-chunk checksums
         return cls(**d)
+
+
+def layout_matches(existing: StoreLayout, wanted: StoreLayout) -> bool:
+    """True when a store of layout `existing` can take the writes of `wanted`.
+
+    Everything must be equal except the checksum: a store keeps the codecs it was created
+    with (each array's zarr.json names them), so an older store without checksums is resumed
+    as it is, and its new shards are written exactly like its old ones.
+    """
+    return existing == replace(wanted, checksum=existing.checksum)
 
 
 def default_shard_size(num_tokens: int, dim: int, chunk_size: int = 8,
@@ -108,7 +132,7 @@ def shard_keys(layout: StoreLayout, shard_index: int) -> list[str]:
 
 def create_arrays(group: zarr.Group, layout: StoreLayout) -> None:
     """Create every (empty) array of the layout in `group`."""
-    compressors = zarr_compressors(layout.compressor)
+    compressors = zarr_compressors(layout.compressor, layout.checksum)
     n, t, d, s, c = layout.num_images, layout.num_tokens, layout.dim, layout.shard_size, layout.chunk_size
     empty_ok = {"write_empty_chunks": True}  # a shard of zeros must still exist on disk
     for view in layout.views:
@@ -131,10 +155,15 @@ def zarr_store(location: str, read_only: bool):
     return zarr.storage.FsspecStore.from_url(location, read_only=read_only)
 
 
-def zarr_compressors(name: str | None):
+def zarr_compressors(name: str | None, checksum: str | None = None):
+    """The bytes-to-bytes codecs of every array: the compressor, then the checksum (last, so it
+    covers the bytes exactly as they sit on disk)."""
+    if checksum not in CHECKSUMS:
+        raise ProtocacheError(f"unknown checksum {checksum!r}; use {CHECKSUM} or none")
+    tail = [zarr.codecs.Crc32cCodec()] if checksum else []
     if not name or name == "none":
-        return None
+        return tail or None
     if name.startswith("zstd"):
         level = int(name.split(":")[1]) if ":" in name else 1
-        return [zarr.codecs.ZstdCodec(level=level)]
+        return [zarr.codecs.ZstdCodec(level=level)] + tail
     raise ProtocacheError(f"unknown compressor {name!r}; use none or zstd[:level]")

@@ -7,6 +7,11 @@ Layout of a run directory::
     metrics.json          accuracies (fractions in 0..1), loss curve, prototype counts, seconds
     log.txt               what the fit printed, one line per event
 
+A run is written into a hidden sibling (.RUN.partial) and renamed into place when
+complete (`begin_run`, `finish_run`), so a re-fit that fails or is killed leaves the
+previous run whole, and a finished re-fit leaves nothing of the previous one (no old
+eval-*.json beside the new weights).
+
 This module only reads and writes files: it never builds a model, so evaluation and
 reporting code can inspect runs without importing the heads.
 """
@@ -17,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import owned
 from .errors import ProtocacheError
 from .fingerprint import compare_fingerprints, describe_difference as _describe_difference
 
@@ -32,10 +38,27 @@ class RunMismatch(ProtocacheError):
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON with sorted keys through a temporary file, so a crash never leaves half a file."""
+    """Write strict JSON with sorted keys through a temporary file, so a crash never leaves half a file.
+
+    Non-finite floats (NaN, Inf; also in numpy scalars and arrays) are written as null: bare
+    `NaN` is not JSON, and every strict reader (jq, JavaScript, Go) refuses it.
+    """
+    import math
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple, set)):
+            return [finite(v) for v in value]
+        if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalars and arrays
+            return finite(value.tolist())
+        return value
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(finite(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
@@ -53,37 +76,48 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def prepare_run_dir(run_dir: str | Path, store_path: str | Path, fingerprint: Mapping[str, Any]) -> Path:
-    """Make `run_dir` ready for a fit on the store with `fingerprint`.
+def prepare_run_dir(run_dir: str | Path, store_path: str | Path, fingerprint: Mapping[str, Any], *,
+                    replace: bool = False) -> Path:
+    """Check that `run_dir` may receive a fit on the store with `fingerprint`; nothing is deleted.
 
-    A new or empty folder is created. An existing run is reused (its files are
-    replaced) only if it was fitted on a store with the same fingerprint; otherwise
-    RunMismatch names the fields that differ. A non-empty folder that is not a run is
-    refused, so a typo in --out never clobbers unrelated files.
+    A missing or empty folder is fine. An existing run (a config.json with our format key)
+    is replaced only if it was fitted on a store with the same fingerprint (or `replace`,
+    as ablate does for a point it re-trains); otherwise RunMismatch names the fields that
+    differ. Anything else is refused with what it holds, so a typo in --out never clobbers
+    unrelated files. The fit is written with `begin_run` / `finish_run`.
     """
     run_dir = Path(run_dir).expanduser()
+    owned.restore_interrupted(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ProtocacheError(f"{run_dir} exists and is not a folder; choose another --out.")
-    config_path = run_dir / CONFIG
-    if config_path.exists():
-        try:
-            recorded = read_json(config_path).get("store", {})
-        except (OSError, ValueError) as exc:
-            raise ProtocacheError(f"{config_path} is unreadable ({exc}); remove the run folder or choose another --out.") from exc
+    if owned.is_run_folder(run_dir):
+        recorded = read_json(run_dir / CONFIG).get("store") or {}
         old = recorded.get("fingerprint") or {}
         differ = compare_fingerprints(old, dict(fingerprint))
-        if differ:
+        if differ and not replace:
+            lines = _describe_difference(old, dict(fingerprint), differ).splitlines()
             raise RunMismatch(
-                f"{run_dir} was fitted on another store ({recorded.get('path')}); fingerprint fields that differ:\n"
-                f"{_describe_difference(old, dict(fingerprint), differ)}\n"
-                f"Refusing to overwrite it with a fit on {store_path}: choose another --out or delete {run_dir}."
+                f"{run_dir} was fitted on another store ({recorded.get('path')}); fingerprint fields that differ: "
+                + "; ".join(line.strip().replace(": store has ", ": run has ", 1) for line in lines)
+                + f". Refusing to overwrite it with a fit on {store_path}: choose another --out or delete {run_dir}."
             )
-    elif run_dir.exists() and any(p.name not in RUN_FILES and not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise ProtocacheError(f"{run_dir} exists, is not empty and is not a run folder; choose another --out.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in (METRICS, LOG):  # stale results must never sit next to new weights
-        (run_dir / name).unlink(missing_ok=True)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        owned.refuse_foreign_folder(run_dir, "run folder")
     return run_dir
+
+
+def begin_run(run_dir: str | Path) -> Path:
+    """The empty hidden sibling (.RUN.partial) a fit writes its run into; `finish_run` puts it in place.
+
+    Until then the previous run (if any) stays whole and loadable: a failed or killed fit
+    leaves only the staging folder (its log.txt says how far it got), which the next fit removes."""
+    return owned.fresh_staging(Path(run_dir).expanduser())
+
+
+def finish_run(staging: str | Path, run_dir: str | Path) -> None:
+    """Swap the complete run in `staging` in for `run_dir`: everything of the previous run, its
+    eval-*.json, eval-<split>/ and confusion-*.png included, goes with it."""
+    owned.replace_dir(staging, Path(run_dir).expanduser())
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
@@ -112,6 +146,8 @@ def load_tensors(path: str | Path) -> dict[str, Any]:
 def read_run(run_dir: str | Path) -> tuple[dict, dict]:
     """The (config, metrics) of a finished run; raises if the run is incomplete."""
     run_dir = Path(run_dir).expanduser()
+    if not run_dir.exists():
+        owned.restore_interrupted(run_dir)  # a swap cut short between its renames
     missing = [n for n in (CONFIG, METRICS, WEIGHTS) if not (run_dir / n).exists()]
     if missing:
         raise ProtocacheError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); "

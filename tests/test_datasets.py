@@ -425,3 +425,122 @@ def test_folder_errors(tmp_path):
     write_jpeg(tmp_path / "two" / "b.jpg")
     with pytest.raises(ProtocacheError, match="only_one"):
         create_dataset("folder", root=tmp_path)
+
+
+# ---------------------------------------------------------------------------- decoding: every mode to RGB
+def load(path: Path) -> np.ndarray:
+    """What every image loader hands on: load_image's RGB pixels as uint8 [H, W, 3]."""
+    from protocache.pipeline.datasets import load_image
+
+    image = load_image({"path": str(path)})
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    values = np.array([[0, 257, 1000, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"  # PIL reads it back as 16-bit
+    # By hand, v -> round(v * 255 / 65535) = round(v / 257): 0 -> 0; 257 -> 1; 1000 -> 3.89 -> 4;
+    # 32768 -> 127.502 -> 128; 65535 -> 255. (PIL's own convert("RGB") clips: 0, 255, 255, 255, 255.)
+    pixels = load(tmp_path / "g16.png")
+    assert pixels[0, :, 0].tolist() == [0, 1, 4, 128, 255]
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+
+
+def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
+    # 40 x 20 (landscape) with a white band over the left 10 columns, tagged orientation 6
+    # ("rotate 90 degrees clockwise to display"): upright it is 20 wide, 40 high, the band on top.
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rot.jpg", exif=exif.tobytes(), quality=95)
+    upright = load(tmp_path / "rot.jpg")
+    assert upright.shape == (40, 20, 3)
+    assert upright[:8].min() > 200 and upright[12:].max() < 60  # JPEG blurs the edge at row 10
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path):
+    palette = Image.new("P", (4, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, 1 blue
+    palette.putdata([0, 1, 0, 1])
+    palette.save(tmp_path / "p.png", transparency=1)  # index 1 is fully transparent
+    assert Image.open(tmp_path / "p.png").mode == "P"
+    assert load(tmp_path / "p.png")[0].tolist() == [[255, 0, 0], [255, 255, 255]] * 2
+    Image.new("P", (2, 1), 0).save(tmp_path / "opaque.png")  # a palette without transparency: its colours
+    assert load(tmp_path / "opaque.png")[0].tolist() == [[0, 0, 0]] * 2
+
+
+def test_alpha_is_composited_on_white(tmp_path):
+    # out = a * colour + (1 - a) * 255 per channel; a = 128/255 over black: 255 * 127/255 = 127.
+    rgba = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 128]]], np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    assert load(tmp_path / "rgba.png")[0].tolist() == [[255, 255, 255], [10, 20, 30], [127, 127, 127]]
+    la = np.array([[[10, 0], [10, 255], [0, 128]]], np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert Image.open(tmp_path / "la.png").mode == "LA"
+    assert load(tmp_path / "la.png")[0].tolist() == [[255, 255, 255], [10, 10, 10], [127, 127, 127]]
+
+
+def test_cmyk_is_converted_to_rgb(tmp_path):
+    # PIL's rule: R = 255 - C - K, G = 255 - M - K, B = 255 - Y - K, clipped at 0.
+    cmyk = Image.new("CMYK", (2, 1), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
+    cmyk.save(tmp_path / "c.tif")
+    assert Image.open(tmp_path / "c.tif").mode == "CMYK"
+    assert load(tmp_path / "c.tif")[0].tolist() == [[255, 0, 0]] * 2
+    cmyk.save(tmp_path / "c.jpg", quality=100)
+    assert np.abs(load(tmp_path / "c.jpg").astype(int) - [255, 0, 0]).max() <= 3
+
+
+def test_greyscale_modes_are_grey_rgb(tmp_path):
+    Image.fromarray(np.array([[0, 100, 255]], np.uint8), "L").save(tmp_path / "l.png")
+    assert load(tmp_path / "l.png")[0, :, 0].tolist() == [0, 100, 255]
+    # I (32-bit integers) is read as 16-bit values: 0 -> 0, 1000 -> 4, 65535 -> 255 (as above); beyond clips.
+    Image.fromarray(np.array([[0, 1000, 65535, 70000]], np.int32), "I").save(tmp_path / "i.tif")
+    assert Image.open(tmp_path / "i.tif").mode == "I"
+    assert load(tmp_path / "i.tif")[0, :, 0].tolist() == [0, 4, 255, 255]
+    # F within [0, 1] is scaled by 255: 0 -> 0, 0.5 -> 127.5 -> 128 (rint: to even), 1 -> 255.
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F").save(tmp_path / "f01.tif")
+    assert Image.open(tmp_path / "f01.tif").mode == "F"
+    assert load(tmp_path / "f01.tif")[0, :, 0].tolist() == [0, 128, 255]
+    # F beyond [0, 1] is read as 0..255 (PIL's convention), clipped: -5 -> 0, 100.4 -> 100, 300 -> 255.
+    Image.fromarray(np.array([[-5.0, 100.4, 300.0]], np.float32), "F").save(tmp_path / "f.tif")
+    assert load(tmp_path / "f.tif")[0, :, 0].tolist() == [0, 100, 255]
+    for path in ("l.png", "i.tif", "f.tif"):
+        pixels = load(tmp_path / path)
+        assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_explain_views_decode_like_the_loaders(tmp_path):
+    """The explain image source gets the same RGB whether its loader decoded the file or not."""
+    from protocache.pipeline.datasets import load_image
+    from protocache.pipeline.explain.images import model_input_view
+
+    Image.fromarray(np.array([[0, 20000, 40000, 65535]] * 4, dtype=np.uint16)).save(tmp_path / "g16.png")
+    config = {"input_size": (3, 4, 4), "interpolation": "bilinear", "resize": "stretch"}
+    raw = model_input_view(Image.open(tmp_path / "g16.png"), config)
+    loaded = model_input_view(load_image({"path": str(tmp_path / "g16.png")}), config)
+    assert np.array_equal(np.asarray(raw), np.asarray(loaded))
+    assert np.asarray(raw)[0, :, 0].tolist() == [0, 78, 156, 255]  # 20000/257 = 77.8, 40000/257 = 155.6
+
+
+def test_extract_stores_a_16_bit_image_as_its_8_bit_rendering(tmp_path):
+    """Through a folder dataset: the 16-bit PNG is extracted as ok with the tokens of its 8-bit rendering."""
+    from protocache.pipeline.extract import ExtractConfig, run_extract
+
+    grey = np.full((32, 32), 30000, np.uint16)  # -> round(30000 / 257) = 117 everywhere
+    for cls, name in (("a", "x"), ("b", "y")):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+    Image.fromarray(grey).save(tmp_path / "data" / "a" / "x.png")
+    Image.new("RGB", (32, 32), (117, 117, 117)).save(tmp_path / "data" / "b" / "y.png")
+    run_extract(ExtractConfig(dataset="folder", root=str(tmp_path / "data"), backbone="test_efficientnet",
+                              weights="random", out=str(tmp_path / "s.zarr"), progress=False, num_workers=0,
+                              dataset_options={"test_fraction": 0}))
+    from protocache.stores import FeatureStore
+
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert store.metadata().column("ok").to_pylist() == [True, True]
+    tokens = store.read("tokens", 0, 2)
+    assert np.array_equal(tokens[0], tokens[1])

@@ -151,16 +151,32 @@ def _consistency_stability(rows: dict, parts: dict, box: float, threshold: float
     return float(np.mean(consistent)), float(np.mean(stable)), len(pairs)
 
 
-@pytest.mark.parametrize("split", ["test", "train"])
-def test_metrics_recompute_from_the_evidence_rows(birds_store, protoquant_run, split):
-    results = evaluate_run(protoquant_run, EvaluateConfig(split=split, confusion_png=False))
-    saved = json.loads((protoquant_run / f"eval-{split}.json").read_text())
+@pytest.fixture(scope="module")
+def birds_run(birds_store, protoquant_run, tmp_path_factory):
+    """A run of each prototype head on the birds store (ProtoPool and InfoDisent with short schedules)."""
+    runs = {"protoquant": protoquant_run}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            runs[name] = tmp_path_factory.mktemp(name) / "run"
+            fit_head(name, birds_store, runs[name], {"epochs": 3}, FitConfig(progress=False, seed=0))
+        return runs[name]
+
+    return get
+
+
+@pytest.mark.parametrize("split,name", [("test", "protoquant"), ("train", "protoquant"), ("test", "protopool"),
+                                        ("test", "infodisent")])
+def test_metrics_recompute_from_the_evidence_rows(birds_store, birds_run, split, name):
+    run = birds_run(name)  # any head: the rows and the rules are the same
+    results = evaluate_run(run, EvaluateConfig(split=split, confusion_png=False))
+    saved = json.loads((run / f"eval-{split}.json").read_text())
     conf = saved["metric_config"]
     assert conf["input_size"] == [224, 224] and conf["purity_patch"] == 32 and conf["consistency_box"] == 72
     assert conf["threshold"] == 0.8 and "noise_sigma_pixels" in conf
     parts, names = _parts(Path(birds_store))
 
-    purity = pq.read_table(protoquant_run / f"eval-{split}" / "purity.parquet").to_pydict()
+    purity = pq.read_table(run / f"eval-{split}" / "purity.parquet").to_pydict()
     used = sorted(set(purity["prototype"]))
     assert len(used) == results["purity"]["prototypes"] == results["prototypes_used"]
     n_split = results["num_images"]
@@ -173,7 +189,7 @@ def test_metrics_recompute_from_the_evidence_rows(birds_store, protoquant_run, s
     assert results["purity"]["value"] == pytest.approx(value, abs=1e-12)
     assert results["purity"]["part_related"] == related
 
-    cons = pq.read_table(protoquant_run / f"eval-{split}" / "consistency.parquet")
+    cons = pq.read_table(run / f"eval-{split}" / "consistency.parquet")
     assert cons.column_names == ["image_id", "label", "prototype", "peak_x", "peak_y", "noise_peak_x", "noise_peak_y"]
     rows = cons.to_pydict()
     consistency, stability, pairs = _consistency_stability(rows, parts, conf["consistency_box"], conf["threshold"],

@@ -73,3 +73,24 @@ def test_a_run_without_validation_has_no_val_rows(store_path, tmp_path):
     with pytest.raises(ProtocacheError, match="no validation split"):
         split_rows(result.run_dir, store, "val")
     np.testing.assert_array_equal(split_rows(result.run_dir, store, "train"), store.split_rows("train"))
+
+
+def test_open_run_store_refuses_a_store_with_another_fingerprint(store_path, tmp_path):
+    import shutil
+
+    from protocache.pipeline.runs import open_run_store
+
+    result = quick_fit("linear", store_path, tmp_path / "run")
+    assert open_run_store(result.run_dir).fingerprint == FeatureStore.open(store_path).fingerprint
+    # the same store with one fingerprint field changed by hand, as a re-extraction with other weights would
+    moved = tmp_path / "s.zarr"
+    shutil.copytree(store_path, moved)
+    group = json.loads((moved / "zarr.json").read_text())
+    old = group["attributes"]["protocache"]["fingerprint"]["weights_sha256"]
+    group["attributes"]["protocache"]["fingerprint"]["weights_sha256"] = "0" * 64
+    (moved / "zarr.json").write_text(json.dumps(group))
+    with pytest.raises(run_files.RunMismatch) as info:
+        open_run_store(result.run_dir, store=FeatureStore.open(moved))
+    message = str(info.value)
+    assert f'weights_sha256: at fit time "{old}", now "{"0" * 64}"' in message and "\n" not in message
+    assert "refit the run" in message

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from protocache.stores.errors import ProtocacheError
 
@@ -16,10 +16,54 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff",
 
 
 def load_image(record: dict[str, Any]) -> Image.Image:
-    """Open the record's image file, decoded (module-level, so DataLoader workers can pickle it)."""
-    image = Image.open(record["path"])
-    image.load()  # decode now and release the file handle
-    return image
+    """Open the record's image file, decoded and turned upright in RGB by `to_rgb` (module-level, so
+    DataLoader workers can pickle it)."""
+    with Image.open(record["path"]) as image:
+        image.load()  # decode now and release the file handle
+        return to_rgb(image)
+
+
+BACKGROUND = (255, 255, 255)
+"""What transparent pixels are composited on."""
+EXIF_ORIENTATION = 0x0112
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image a model expects, from any mode PIL decodes; every image loader uses it.
+
+    - EXIF orientation applied first (``ImageOps.exif_transpose``), so the image is upright as
+      viewers show it (and as timm/torchvision users expect); width, height and annotations are
+      those of the upright image.
+    - 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``; and ``I``, read as 16-bit values) is
+      scaled to 8 bits, v -> round(v * 255 / 65535), never clipped (PIL's own conversion clips
+      every value above 255 to white). ``F`` (float): values within [0, 1] are scaled by 255,
+      otherwise read as 0..255 (PIL's convention) and clipped; NaN becomes 0.
+    - Alpha (``RGBA``, ``LA``, ``PA``, palette or greyscale images with a transparent colour) is
+      composited on white, so transparent pixels are white whatever colour they hide.
+    - Everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``) goes
+      through PIL's own conversion to RGB.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):  # 1: upright already (no copy made then)
+        image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.rint(values.clip(0, 255)).astype(np.uint8), mode="L").convert("RGB")
+    if mode in ("P", "L", "1", "RGB") and "transparency" in image.info or mode in ("PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:

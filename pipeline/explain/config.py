@@ -64,6 +64,14 @@ class ExplainConfig:
     lazy_images: bool | None = None
     """loading="lazy" on the page's images; None: only for large reports (over 400 PNG files)."""
 
+    def validate(self) -> None:
+        """Every number in its range (pipeline/config.py's rules) and --out writable, before any work."""
+        from protocache.pipeline.config import check_values, check_writable
+
+        check_values(self, "explain", flags=True)
+        if self.out:
+            check_writable(self.out, "--out")
+
 
 @dataclass
 class ExplainResult:

@@ -21,18 +21,21 @@ from protocache.stores.errors import ProtocacheError
 
 def model_input_view(image: Image.Image, data_config: dict[str, Any], crop_box: Sequence[float] | None = None
                      ) -> Image.Image:
-    """The image as the backbone saw it, before normalisation: crop_box crop, then the store's resize rule.
+    """The image as the backbone saw it, before normalisation: in RGB by the loaders' `to_rgb` (16-bit scaled,
+    alpha on white, EXIF orientation applied), crop_box crop, then the store's resize rule.
 
     Uses extract's own geometry step (``pipeline/transforms.py``: a resize straight to the input
     size for ``resize = stretch``, timm's eval resize + center crop or pad for ``timm``), so the
     geometry (resize rule, rounding, interpolation, crop) is exactly the one the cache was
     extracted with; the result is an RGB image of the model's input size.
     """
+    from protocache.pipeline.datasets._common import to_rgb
     from protocache.pipeline.transforms import geometry_transform, to_pixels
 
+    image = to_rgb(image)  # the loaders' one decode rule (a no-op on what load_image returns)
     if crop_box is not None:
         image = image.crop(tuple(int(round(float(v))) for v in crop_box))
-    x = to_pixels(geometry_transform(dict(data_config))(image.convert("RGB")))
+    x = to_pixels(geometry_transform(dict(data_config))(image))
     array = (x.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
     return Image.fromarray(array, mode="RGB")
 

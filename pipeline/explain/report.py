@@ -19,10 +19,11 @@ import torch
 
 from protocache.pipeline import metrics as M
 from protocache.pipeline.evaluate import _keypoints, metric_config
-from protocache.pipeline.runs import load_run, run_splits
+from protocache.pipeline.runs import load_run, open_run_store
 from protocache.pipeline.runtime import resolve_device
 from protocache.stores import FeatureStore
 from protocache.stores.errors import ProtocacheError
+from protocache.stores.owned import replace_dir, restore_interrupted
 
 from .config import IMAGE_DIR, REPORT_MARKER, ExplainConfig, ExplainResult
 from .drawing import NEGATIVE_BOX, POSITIVE_BOX, crop_patch, css_gradient, draw_box, overlay, patch_window
@@ -37,11 +38,9 @@ def explain_run(cfg: ExplainConfig) -> ExplainResult:
     """Load a run (head, config, metrics) and write its report to cfg.out."""
     if not cfg.out:
         raise ProtocacheError("explain needs an output folder (--out DIR)")
+    cfg.validate()  # numbers and a writable --out, before the run is loaded
     run = load_run(cfg.run)
-    store_path = (run.config.get("store") or {}).get("path")
-    if not store_path:
-        raise ProtocacheError(f"{cfg.run}/config.json names no store path")
-    store = run_splits(cfg.run, FeatureStore.open(store_path), run.config)  # the fit's train / val rows
+    store = open_run_store(cfg.run, run.config)  # refused if re-extracted since the fit; the fit's train / val rows
     return explain(run.head, store, cfg, config=run.config, metrics=run.metrics)
 
 
@@ -50,8 +49,7 @@ def explain(head, store: FeatureStore, cfg: ExplainConfig, config: dict | None =
             metrics: dict | None = None) -> ExplainResult:
     """Write the report of `head` (fitted on `store`) to cfg.out; see the package docstring."""
     started = time.perf_counter()
-    if cfg.images < 0 or cfg.patches < 1 or cfg.top_prototypes < 1:
-        raise ProtocacheError("explain: --images must be >= 0, --patches and --top-prototypes >= 1")
+    cfg.validate()
     splits = set(store.metadata().column("split").to_pylist())
     for name, split in (("--split", cfg.split), ("--train-split", cfg.train_split)):
         if split not in splits:
@@ -257,25 +255,25 @@ def prepare_out(out: Path) -> Path:
     previous report whole and `out` reusable.
     """
     out = Path(out).expanduser()
+    restore_interrupted(out)  # a swap cut short between its renames
     if out.exists() and not out.is_dir():
         raise ProtocacheError(f"{out} exists and is not a folder; choose another --out.")
     if out.exists() and any(out.iterdir()) and not (out / REPORT_MARKER).exists():
         raise ProtocacheError(f"{out} exists, is not empty and is not an explain report; choose another --out.")
     staging = out.parent / f".{out.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / IMAGE_DIR).mkdir(parents=True)
+    try:
+        (staging / IMAGE_DIR).mkdir(parents=True)
+    except OSError as exc:
+        raise ProtocacheError(f"cannot write the report next to {out} ({exc.strerror}: {exc.filename}); "
+                              "choose a folder you can write to as --out") from None
     return staging
 
 
 def land(staging: Path, out: Path) -> None:
-    """Replace the previous report's files in `out` (img/, index.html, the marker) by the staged ones."""
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / IMAGE_DIR, ignore_errors=True)
-    for name in ("index.html", REPORT_MARKER):
-        (out / name).unlink(missing_ok=True)
-    for name in (IMAGE_DIR, "index.html", REPORT_MARKER):  # the marker last
-        (staging / name).rename(out / name)
-    staging.rmdir()
+    """Swap the complete staged report in for `out` (a previous report, an empty folder or nothing):
+    at every moment `out` is the whole previous report or the whole new one."""
+    replace_dir(staging, out)
 
 
 def _meta_reader(store: FeatureStore):

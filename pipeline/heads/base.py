@@ -92,6 +92,8 @@ class Head(nn.Module):
     """True when a prototype can also count against a class (its evidence has a negative part)."""
     class_prototype_rule: ClassVar[str] = "prototypes with a positive last-layer weight for the class, strongest first"
     """How `class_prototypes(c)` chooses a class's prototypes (recorded by evaluate)."""
+    optional_state: ClassVar[tuple[str, ...]] = ()
+    """State keys that runs written before they existed lack (they keep their initial values)."""
     class_prototype_k: ClassVar[int | None] = None
     """The k of a rule that takes a class's k strongest prototypes; None where the rule has no k."""
 
@@ -108,10 +110,12 @@ class Head(nn.Module):
 
     @classmethod
     def validate(cls, config: Any, info: StoreInfo) -> None:
-        for key in ("epochs", "batch_size"):
-            value = getattr(config, key, 1)
-            if value is not None and value < 1:
-                raise ProtocacheError(f"{cls.name}: {key} must be >= 1, got {value}")
+        """Every field of the resolved config of its type and every number in the range its name
+        implies (pipeline/config.py's VALUE_RULES: epochs, sizes >= 1, lr >= 0, tau > 0, fractions
+        in [0, 1], ...). A head adds the checks between fields in its own validate."""
+        from ..config import check_values
+
+        check_values(config, f"head {cls.name!r}")
 
     # training --------------------------------------------------------------------------
     def fit(self, ctx: "FitContext") -> None:
@@ -171,7 +175,7 @@ class Head(nn.Module):
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a state dict whose tensors may have other shapes (pruned codebooks)."""
         own = dict(self.named_parameters()) | dict(self.named_buffers())
-        missing = sorted(set(own) - set(state))
+        missing = sorted(set(own) - set(state) - set(self.optional_state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ProtocacheError(f"weights do not fit head {self.name!r}: missing {missing}, unexpected {unexpected}")

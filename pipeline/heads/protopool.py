@@ -58,8 +58,8 @@ class ProtoPoolConfig:
     """Beta(alpha, alpha) mixup of token maps, as published (0 = off)."""
     lr: float | None = None
     """Learning rate of the add-on, prototypes and slots; None: 3e-3 as published, 1e-2 on small data."""
-    weight_decay: float = 1e-3
-    """Weight decay of the add-on layer."""
+    weight_decay: float | None = None
+    """Weight decay of the add-on layer; None: 1e-3 as published, 1e-2 on small data."""
     epochs: int | None = None
     """Epochs before the push; None: 40 as published, 30 on small data."""
     batch_size: int | None = None
@@ -68,8 +68,13 @@ class ProtoPoolConfig:
     """Replace each prototype by its nearest cached training token after training."""
     last_layer_epochs: int = 25
     """Epochs of last-layer tuning after the push."""
-    last_layer_lr: float = 1e-4
-    """Learning rate of the last-layer tuning: lr / 10, as published."""
+    last_layer_lr: float | None = None
+    """Learning rate of the last-layer tuning; None: 1e-4 as published, 1e-2 on small data."""
+    standardize: bool = False
+    """Z-score every token channel with the train split's statistics before the add-on (ours, not
+    published). On a frozen cache the prototypes otherwise settle on low-activation background
+    tokens every image shares (README: ProtoPool's evidence); standardising moves them onto the
+    birds, at some accuracy cost on digits, so it is a switch, not the default."""
 
 
 @register_head("protopool")
@@ -80,6 +85,7 @@ class ProtoPool(Head):
     g(Dmin) - g(Davg) per slot; logits = last_layer(slot similarities)."""
 
     config_class = ProtoPoolConfig
+    optional_state = ("token_mean", "token_scale")
     class_prototype_rule = "the prototypes filling the class's slots (hard assignment), in slot order"
     epsilon = 1e-4
 
@@ -101,6 +107,9 @@ class ProtoPool(Head):
         # push provenance: the store row and grid cell each prototype was projected onto (-1: not pushed)
         self.register_buffer("push_row", torch.full((m,), -1, dtype=torch.long))
         self.register_buffer("push_cell", torch.full((m,), -1, dtype=torch.long))
+        # per-channel token statistics of the train split (identity until fitted with standardize)
+        self.register_buffer("token_mean", torch.zeros(info.dim))
+        self.register_buffer("token_scale", torch.ones(info.dim))
         self.gumbel_scale = 0.0  # set by the training schedule; 0 = plain softmax
 
     @classmethod
@@ -117,10 +126,17 @@ class ProtoPool(Head):
         bs = config.batch_size or auto_batch_size(info.num_train, 80)
         epochs = scaled_epochs(config.epochs, 40, 30, info.num_train)
         small = 0 < info.num_train < SMALL_DATA
-        lr = config.lr if config.lr is not None else (1e-2 if small else 3e-3)  # fewer steps on small data
+        # Small data (digits: 10 steps an epoch, CUB: 75) needs bigger steps and more regularisation:
+        # lr 1e-2 (the published 3e-3 reached 0.90 on digits, 1e-2 0.92); the last layer's published
+        # 1e-4 barely moves it in 25 short epochs after the push, so 1e-2; add-on weight decay 1e-2
+        # against overfitting. Chosen on val (seed 0): digits val 0.896 -> 0.938 with both
+        # (test 0.903 -> 0.936); synthetic birds (8 classes, 144 train images) val 0.25 -> 0.50.
+        lr = config.lr if config.lr is not None else (1e-2 if small else 3e-3)
+        last_lr = config.last_layer_lr if config.last_layer_lr is not None else (1e-2 if small else 1e-4)
+        wd = config.weight_decay if config.weight_decay is not None else (1e-2 if small else 1e-3)
         gumbel = config.gumbel_epochs if config.gumbel_epochs is not None else max(1, round(epochs * 30 / 40))
         return dataclasses.replace(config, num_prototypes=m, proto_dim=d, batch_size=bs, epochs=epochs,
-                                   gumbel_epochs=gumbel, lr=lr)
+                                   gumbel_epochs=gumbel, lr=lr, last_layer_lr=last_lr, weight_decay=wd)
 
     @classmethod
     def validate(cls, config: ProtoPoolConfig, info: StoreInfo) -> None:
@@ -153,8 +169,8 @@ class ProtoPool(Head):
 
     # distances -----------------------------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[N, T, d] add-on features sigmoid(Linear(x)); pushed prototypes are rows of this."""
-        return torch.sigmoid(self.add_on(tokens))
+        """[N, T, d] add-on features sigmoid(Linear(standardised x)); pushed prototypes are rows of this."""
+        return torch.sigmoid(self.add_on((tokens - self.token_mean) / self.token_scale))
 
     def distances(self, tokens: torch.Tensor) -> torch.Tensor:
         """[N, T, M] squared L2 distances of every cell's add-on feature to every prototype."""
@@ -313,8 +329,27 @@ def push_prototypes(head: ProtoPool, ctx: "FitContext", batch_size: int = 256) -
     return sources
 
 
+@torch.no_grad()
+def standardize_tokens(head: ProtoPool, ctx: "FitContext", batch_size: int = 256) -> None:
+    """Per-channel mean and std of every cached train token (streamed, float64 sums)."""
+    total = torch.zeros(ctx.info.dim, dtype=torch.float64)
+    sq = torch.zeros(ctx.info.dim, dtype=torch.float64)
+    n = 0
+    for b in ctx.split("train", ("tokens", "label")).batches(batch_size, shuffle=False):
+        x = torch.from_numpy(b["tokens"]).double().reshape(-1, ctx.info.dim)
+        total += x.sum(0)
+        sq += (x * x).sum(0)
+        n += len(x)
+    mean = total / max(n, 1)
+    std = (sq / max(n, 1) - mean * mean).clamp(min=0).sqrt()
+    head.token_mean.copy_(mean.float())
+    head.token_scale.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+
+
 def fit_protopool(head: ProtoPool, ctx: "FitContext") -> None:
     cfg = head.config
+    if cfg.standardize:
+        standardize_tokens(head, ctx)
     params = [{"params": head.add_on.parameters(), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
               {"params": [head.slot_logits], "lr": cfg.lr},
               {"params": [head.prototypes], "lr": cfg.lr}]

@@ -76,3 +76,29 @@ def test_push_puts_prototypes_exactly_on_cached_tokens(store_path, tmp_path):
             torch.testing.assert_close(head.embed(token[None, None])[0, 0], head.prototypes[j], atol=1e-6, rtol=0)
         if src["classes"]:  # a prototype in some class's slots comes from an image of one of those classes
             assert int(labels[row]) in src["classes"]
+
+
+def test_standardize_uses_the_train_tokens_statistics_and_old_runs_still_load(store_path, tmp_path):
+    import numpy as np
+
+    from protocache.pipeline.fit import FitConfig, fit_head
+    from fit_helpers import QUICK
+
+    result = fit_head("protopool", store_path, tmp_path / "run", {**QUICK["protopool"], "standardize": True},
+                      FitConfig(progress=False, threads=1, val_fraction=0))
+    store = FeatureStore.open(store_path)
+    train = store.read("tokens", 0, store.num_images)[store.split_rows("train")].astype(np.float64)
+    train = train.reshape(-1, train.shape[-1])
+    head = result.model
+    np.testing.assert_allclose(head.token_mean.numpy(), train.mean(0), rtol=1e-5, atol=1e-5)
+    std = train.std(0)
+    np.testing.assert_allclose(head.token_scale.numpy(), np.where(std > 1e-6, std, 1.0), rtol=1e-4, atol=1e-5)
+    # a run written before the statistics existed has no such tensors: it loads with the identity
+    from protocache.pipeline.heads import StoreInfo, create_head
+
+    config = result.config
+    old_run = create_head("protopool", StoreInfo.from_json(config["store"]["info"]), **config["head_config"])
+    old_run.load_weights({k: v for k, v in head.state_dict().items() if k not in ("token_mean", "token_scale")})
+    assert torch.equal(old_run.token_mean, torch.zeros_like(old_run.token_mean))
+    assert torch.equal(old_run.token_scale, torch.ones_like(old_run.token_scale))
+    torch.testing.assert_close(old_run.prototypes, head.prototypes)

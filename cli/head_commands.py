@@ -75,6 +75,7 @@ def bench_heads_cmd(
     threads: Optional[int] = option(BenchConfig, "threads"),
     progress: bool = option(BenchConfig, "progress"),
     fit_progress: bool = option(BenchConfig, "fit_progress"),
+    candidates: Optional[str] = option(BenchConfig, "candidates"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of the table."),
 ):
     """Fit every head with its defaults on a store: val and test accuracy, gap to the probe, prototypes, seconds."""
@@ -83,7 +84,7 @@ def bench_heads_cmd(
     names = tuple(h.strip() for h in heads.split(",") if h.strip()) if heads else None
     rows = bench_heads(BenchConfig(store=store, seed=seed, heads=names, out=out, device=device, epochs=epochs,
                                    val_fraction=val_fraction, threads=threads, progress=progress,
-                                   fit_progress=fit_progress))
+                                   fit_progress=fit_progress, candidates=candidates))
     if as_json:
         echo_json(rows)
         return

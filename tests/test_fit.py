@@ -244,3 +244,24 @@ def test_a_store_with_its_own_val_split_keeps_it(store_path, tmp_path):
     assert (result.metrics["num_train"], result.metrics["num_val"]) == (97 - 12, 12)
     np.testing.assert_array_equal(np.load(Path(result.run_dir) / F.VAL_ROWS), own)
     assert "the store has its own val split (12 images)" in (Path(result.run_dir) / "log.txt").read_text()
+
+
+def test_bench_heads_chooses_each_heads_config_on_val(store_path, tmp_path):
+    candidates = tmp_path / "candidates.yaml"
+    candidates.write_text("linear:\n  - {}\n  - {lr: 0.3, standardize: none}\n  - {lr: 0.0}\n")
+    rows = bench_heads(BenchConfig(store=str(store_path), heads=("linear",), epochs=2, out=str(tmp_path / "runs"),
+                                   candidates=str(candidates), progress=False))
+    (row,) = rows
+    tried = [json.loads((tmp_path / "runs" / "linear" / f"candidate-{j}" / "metrics.json").read_text())
+             for j in range(3)]
+    vals = [m["val_accuracy"] for m in tried]
+    best = vals.index(max(vals))  # the first of the best on ties
+    assert row["candidates"] == 3 and row["val_accuracy"] == vals[best]
+    assert row["test_accuracy"] == tried[best]["test_accuracy"]  # test is reported, never chosen on
+    assert row["config"] == [{}, {"lr": 0.3, "standardize": "none"}, {"lr": 0.0}][best]
+    assert "chosen on val" in format_table(rows)
+    candidates.write_text("linear:\n  - {lr: 0.3}\n  - {lrr: 0.1}\n")
+    with pytest.raises(ProtocacheError, match="'lrr'"):  # every candidate is checked before any fit
+        bench_heads(BenchConfig(store=str(store_path), heads=("linear",), epochs=1, out=str(tmp_path / "r2"),
+                                candidates=str(candidates)))
+    assert not (tmp_path / "r2").exists()

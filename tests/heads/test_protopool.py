@@ -28,7 +28,7 @@ def test_protopool_slots_become_one_hot_at_the_end_of_the_schedule():
     assert float(soft.detach().amax(dim=1).min()) < 0.9
     torch.manual_seed(0)
     head.gumbel_scale = gumbel_scale(cfg, cfg.gumbel_epochs)
-    hard = head.slot_assignment()
+    hard = head.slot_assignment().detach()
     torch.testing.assert_close(hard.sum(dim=1), torch.ones(CLASSES, cfg.slots_per_class))
     assert float(hard.amax(dim=1).min()) > 0.999
     torch.testing.assert_close(hard.argmax(dim=1), head.slot_prototypes())

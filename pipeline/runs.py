@@ -15,7 +15,7 @@ import numpy as np
 
 from protocache.stores import runs as run_files
 from protocache.stores.errors import ProtocacheError
-from protocache.stores.fingerprint import compare_fingerprints, describe_difference
+from protocache.stores.fingerprint import difference_line
 
 from .heads import Head, StoreInfo, create_head
 from .runtime import resolve_device
@@ -42,11 +42,7 @@ def store_difference(config: dict[str, Any], store: Any) -> str | None:
     """None when `store` has the fingerprint the run (its config.json) recorded at fit time; otherwise
     one line naming each differing field, its value at fit time and now."""
     recorded = (config.get("store") or {}).get("fingerprint") or {}
-    differ = compare_fingerprints(recorded, dict(store.fingerprint))
-    if not differ:
-        return None
-    lines = describe_difference(recorded, dict(store.fingerprint), differ).splitlines()
-    return "; ".join(line.strip().replace(": store has ", ": at fit time ", 1) for line in lines)
+    return difference_line(recorded, dict(store.fingerprint), "at fit time")
 
 
 def check_run_store(run_dir: str | Path, config: dict[str, Any], store: Any) -> None:

@@ -32,6 +32,16 @@ def describe_difference(existing: dict, wanted: dict, keys: Sequence[str]) -> st
     return "\n".join(lines)
 
 
+def difference_line(existing: dict, wanted: dict, existing_label: str = "store has") -> str | None:
+    """None when the fingerprints agree; else the differing fields on one line, `existing_label`
+    naming the first side ("field: run has X, now Y; ...")."""
+    differ = compare_fingerprints(existing, wanted)
+    if not differ:
+        return None
+    lines = describe_difference(existing, wanted, differ).splitlines()
+    return "; ".join(line.strip().replace(": store has ", f": {existing_label} ", 1) for line in lines)
+
+
 def describe_layout_difference(existing: StoreLayout, wanted: StoreLayout) -> str:
     """`shard_size differ: store {...}, now {...}` for two layouts that differ."""
     have, want = existing.to_json(), wanted.to_json()

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 from . import owned
 from .errors import ProtocacheError
-from .fingerprint import compare_fingerprints, describe_difference as _describe_difference
+from .fingerprint import difference_line
 
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
@@ -92,14 +92,12 @@ def prepare_run_dir(run_dir: str | Path, store_path: str | Path, fingerprint: Ma
         raise ProtocacheError(f"{run_dir} exists and is not a folder; choose another --out.")
     if owned.is_run_folder(run_dir):
         recorded = read_json(run_dir / CONFIG).get("store") or {}
-        old = recorded.get("fingerprint") or {}
-        differ = compare_fingerprints(old, dict(fingerprint))
-        if differ and not replace:
-            lines = _describe_difference(old, dict(fingerprint), differ).splitlines()
+        difference = difference_line(recorded.get("fingerprint") or {}, dict(fingerprint), "run has")
+        if difference and not replace:
             raise RunMismatch(
                 f"{run_dir} was fitted on another store ({recorded.get('path')}); fingerprint fields that differ: "
-                + "; ".join(line.strip().replace(": store has ", ": run has ", 1) for line in lines)
-                + f". Refusing to overwrite it with a fit on {store_path}: choose another --out or delete {run_dir}."
+                f"{difference}. Refusing to overwrite it with a fit on {store_path}: choose another --out or "
+                f"delete {run_dir}."
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         owned.refuse_foreign_folder(run_dir, "run folder")

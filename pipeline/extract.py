@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .config import check_values
 from .datasets import Dataset, create_dataset
 from .geometry import input_space_annotations
 from .runtime import dask_client, pin_threads
-from .transforms import (NOISE_SIGMA, ModelInputTransform, make_view, noise_definition, noise_generator,  # noqa: F401
+from .transforms import (NOISE_SIGMA, ModelInputTransform, make_view, noise_definition,  # noqa: F401 (make_view is re-exported)
                          noise_sigma_pixels, preprocessing_config, resolve_resize)
 
 VIEWS = ("clean", "hflip", "noise")
@@ -385,6 +385,12 @@ def extract_shards(store: FeatureStore, dataset: Dataset, backbone: Backbone, sh
     return {"images": total, "shards": len(shards), "bad_images": bad}
 
 
+def _nothing_to_do(store: FeatureStore, started: float) -> ExtractResult:
+    total = store.layout.num_shards
+    _log(f"{store.path} is complete ({total} shards); nothing to do.")
+    return ExtractResult(str(store.path), total, 0, 0, time.perf_counter() - started, 0.0, True, [])
+
+
 def run_extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract a whole dataset into a store; on an existing store only missing shards are written."""
     started = time.perf_counter()
@@ -392,8 +398,7 @@ def run_extract(cfg: ExtractConfig) -> ExtractResult:
     todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
     total = store.layout.num_shards
     if not todo:
-        _log(f"{store.path} is complete ({total} shards); nothing to do.")
-        return ExtractResult(str(store.path), total, 0, 0, time.perf_counter() - started, 0.0, True, [])
+        return _nothing_to_do(store, started)
     if len(todo) < total:
         _log(f"{store.path}: {total - len(todo)} of {total} shards already written; extracting the other {len(todo)}.")
     store.remove_partial_writes()
@@ -461,8 +466,7 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
     todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
     total = store.layout.num_shards
     if not todo:
-        _log(f"{store.path} is complete ({total} shards); nothing to do.")
-        return ExtractResult(str(store.path), total, 0, 0, time.perf_counter() - started, 0.0, True, [])
+        return _nothing_to_do(store, started)
     store.remove_partial_writes()
     # Workers open the store by path, so it must be one they can all reach.
     task_cfg = replace(cfg, out=str(store.path.resolve()) if store.is_local else store.location, overwrite=False,

@@ -16,6 +16,7 @@ from . import dataset_commands  # noqa: F401  (make-dataset)
 from . import eval_commands  # noqa: F401  (evaluate)
 from . import explain_commands  # noqa: F401  (explain)
 from . import head_commands  # noqa: F401  (fit-head, heads, bench-heads)
+from . import predict_commands  # noqa: F401  (predict, export)
 from . import store_commands  # noqa: F401  (extract, info, verify, datasets)
 from .app import app
 

@@ -33,7 +33,7 @@ def extract(
     on_bad_image: str = option(ExtractConfig, "on_bad_image"),
     num_workers: Optional[int] = option(ExtractConfig, "num_workers"),
     threads: Optional[int] = option(ExtractConfig, "threads"),
-    compressor: Optional[str] = option(ExtractConfig, "compressor"),
+    compression: str = option(ExtractConfig, "compression"),
     overwrite: bool = option(ExtractConfig, "overwrite"),
     repair: bool = option(ExtractConfig, "repair"),
     progress: bool = option(ExtractConfig, "progress"),
@@ -46,7 +46,7 @@ def extract(
                         batch_size=batch_size, shard_size=shard_size, chunk_size=chunk_size, device=device,
                         precision=precision, limit=limit, views=parse_views(views), resize=resize,
                         noise_sigma=noise_sigma, on_bad_image=on_bad_image, num_workers=num_workers, threads=threads,
-                        compressor=compressor, overwrite=overwrite, repair=repair, progress=progress,
+                        compression=compression, overwrite=overwrite, repair=repair, progress=progress,
                         dataset_options=parse_dataset_options(dataset_option))
     if workers is not None and workers < 1:
         raise ProtocacheError(f"extract: --workers must be an integer >= 1, got {workers}; leave it out to extract "
@@ -68,6 +68,7 @@ def info(store: str = typer.Argument(..., help="Path of a feature store."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Shape, shards, views, fingerprint and size of a store."""
     from protocache.stores import FeatureStore
+    from protocache.stores.layout import describe_compression
 
     report = FeatureStore.open(store).info()
     if as_json:
@@ -84,7 +85,9 @@ def info(store: str = typer.Argument(..., help="Path of a feature store."),
     typer.echo(f"dataset        {fp['dataset']} (manifest {fp['manifest_sha256'][:12]})")
     typer.echo(f"backbone       {fp['backbone']}  weights {fp['weights_source']} (sha256 {fp['weights_sha256'][:12]})")
     typer.echo(f"precision      {fp['precision']} compute, {fp['dtype']} on disk")
-    typer.echo(f"size on disk   {human_bytes(report['bytes_on_disk'])}")
+    typer.echo(f"compression    {describe_compression(report['compression'], report['compression_choice'])}")
+    typer.echo(f"size on disk   {human_bytes(report['bytes_on_disk'])} for {human_bytes(report['raw_bytes'])} of "
+               "float16 arrays" + (f" (stored / raw {report['stored_over_raw']:.3f})" if report['raw_bytes'] else ""))
 
 
 @app.command()

@@ -1,15 +1,18 @@
 """Ablate stage: a grid of head configs on one store, many heads per read pass.
 
 Points of the grid that share a store and a batch schedule (same head, seed, epochs and
-batch size) form a group. A group is trained in one read pass: every head of the group
-runs its own, unchanged `fit_head` in a thread, but the threads take turns (one runs at a
-time, switching whenever one asks for its next batch) and read through one shared view of
-the store, so each batch is read once and handed to every head that asks for it, in the
-spirit of DINOv2's linear evaluation that trains many classifiers on one pass.
+batch size) form a group. A group is trained in one read pass (pipeline/ablate_pass.py): every
+head of the group runs its own, unchanged `fit_head` in a thread, the threads take turns and
+read through one shared view of the store, and their training loops run together
+(pipeline/ablate_vectorised.py): each batch is read once for all heads, and heads of one kind
+whose shapes agree train as one vectorised module, in the spirit of DINOv2's linear evaluation
+that trains many classifiers on one pass. The store bytes each pass read are counted and
+reported per point (`group_bytes_read`, `bytes_read_per_head`).
 
-Each thread keeps its own torch / numpy / Python random state, swapped in whenever it runs,
-so a head trained in a group gets exactly the weights it gets when trained alone with the
-same seed. Groups are independent and run in parallel on a dask cluster when one is given.
+Each head keeps its own random state and optimiser, so a head trained in a group gets the
+weights it gets when trained alone with the same seed (exactly on the CPU with one torch
+thread, to float rounding otherwise). Groups are independent and run in parallel on a dask
+cluster when one is given.
 A point is finished when its run folder holds a complete run of the same head, config and
 seed, fitted with the same fit options on a store with the same fingerprint; finished
 points are skipped, so an interrupted sweep resumes where it stopped. A run that differs
@@ -42,7 +45,7 @@ from protocache.stores import runs as run_files
 from protocache.stores.errors import ProtocacheError
 
 from .config import build_config, check_keys, check_values, read_yaml_mapping
-from .ablate_pass import EVAL_KEYS, _eval_row, _result_row, run_group
+from .ablate_pass import EVAL_KEYS, PASS_KEYS, _eval_row, _result_row, run_group
 from .runtime import dask_client
 
 # Config keys that change the batch schedule; points differing only in other keys share a pass.
@@ -338,10 +341,13 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
             progress.pass_started(i, g)
             trained += run_group(store_path, g, str(out), fit_options, evaluate, on_point_done=progress.point_done)
     evaluated = {row["run"]: {k: row[k] for k in EVAL_KEYS} for row in trained if evaluate}
+    passes = {**previous_passes(out / "results.parquet"), **{row["run"]: {k: row.get(k) for k in PASS_KEYS}
+                                                              for row in trained}}
     rows = []
     for p in points:  # every point, finished now or before, from its run folder
         config, metrics = run_files.read_run(out / p.name)
         row = _result_row(p, out / p.name, metrics)
+        row.update(passes.get(p.name) or dict.fromkeys(PASS_KEYS))  # what its read pass cost
         if evaluate:  # points trained now were evaluated with their head in hand
             row.update(evaluated.get(p.name) or _eval_row(out / p.name))
         rows.append(row)
@@ -351,6 +357,19 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     plot = summary_plot(rows, swept, out / "summary.png", chosen)
     return {"points": len(points), "trained": len(todo), "skipped": skipped, "groups": len(groups),
             "results": str(out / "results.parquet"), "summary": plot, "chosen": chosen}
+
+
+def previous_passes(path: Path) -> dict[str, dict[str, Any]]:
+    """The read-pass columns of each run in an earlier results.parquet (points a resumed sweep skips)."""
+    if not path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path).to_pylist()
+    except Exception:  # noqa: BLE001 - an unreadable old table only loses these figures
+        return {}
+    return {r["run"]: {k: r.get(k) for k in PASS_KEYS} for r in table if r.get("group_size") is not None}
 
 
 def rank_by_val(points: Sequence[AblatePoint], rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -188,6 +188,19 @@ def create_frozen_model(name: str, weights: str = "auto") -> tuple[torch.nn.Modu
     return model, source
 
 
+def split_features(feats: torch.Tensor, is_cnn: bool, num_prefix_tokens: int, has_cls_token: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward_features output -> (tokens [B, T, D], pooled [B, D]), float32: CNN maps flattened row-major
+    with the mean token as pooled; ViT prefix tokens dropped, the CLS token (else the mean token) pooled."""
+    if is_cnn:
+        tokens = feats.flatten(2).transpose(1, 2)
+        pooled = tokens.float().mean(1)
+    else:
+        tokens = feats[:, num_prefix_tokens:]
+        pooled = feats[:, 0] if has_cls_token else tokens.float().mean(1)
+    return tokens.float(), pooled.float()
+
+
 def cpu_has_fast_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     try:
@@ -277,13 +290,8 @@ class Backbone:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=(precision == "bf16")):
             feats = self.model.forward_features(x)
             logits = self.model.forward_head(feats) if self.num_logits else None
-        if self.is_cnn:
-            tokens = feats.flatten(2).transpose(1, 2)
-            pooled = tokens.float().mean(1)
-        else:
-            tokens = feats[:, self.num_prefix_tokens:]
-            pooled = feats[:, 0] if self.has_cls_token else tokens.float().mean(1)
-        return tokens.float(), pooled.float(), (logits.float() if logits is not None else None)
+        tokens, pooled = split_features(feats, self.is_cnn, self.num_prefix_tokens, self.has_cls_token)
+        return tokens, pooled, (logits.float() if logits is not None else None)
 
     def check_precision(self, images: torch.Tensor, min_cosine: float = 0.99) -> float:
         """Mean cosine of bf16 tokens to fp32 tokens on a few images; falls back to fp32 below min_cosine."""
@@ -301,3 +309,57 @@ class Backbone:
                 "weights_sha256": self.weights_sha256, "grid": list(self.grid), "dim": self.dim,
                 "num_logits": self.num_logits, "device": str(self.device), "precision": self.precision,
                 "channels_last": self.channels_last}
+
+
+# ----------------------------------------------------------------------------- the backbone's own classifier
+
+
+def weights_spec_of(source: str) -> str | None:
+    """The `--weights` value that rebuilds a fingerprint's `weights_source`; None for a local file
+    (the fingerprint keeps only the file's name)."""
+    for prefix, spec in (("shipped:", "shipped"), ("random", "random"), ("hub:", "hub")):
+        if source.startswith(prefix):
+            return spec
+    return None
+
+
+def backbone_class_names(num_logits: int) -> list[str]:
+    """Names of the classes of a backbone's own classifier: ImageNet's (timm's `ImageNetInfo`, offline)
+    where the class count names an ImageNet subset (1,000 -> imagenet-1k), else "class K"."""
+    from collections import Counter
+
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({"num_classes": int(num_logits)})
+    if subset is None:
+        return [f"class {k}" for k in range(int(num_logits))]
+    info = ImageNetInfo(subset)
+    names = info.label_descriptions()
+    seen = Counter(names)
+    # a description shared by two synsets (imagenet-1k: "crane", the bird and the machine) gets its synset id
+    return [f"{n} ({w})" if seen[n] > 1 else n for n, w in zip(names, info.label_names())]
+
+
+def backbone_classifier(fingerprint: dict[str, Any], weights: str | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight [C0, D], bias [C0]) of the final linear layer of the backbone a store was extracted
+    with, rebuilt on the CPU from the store's fingerprint (name, weights source; `weights` overrides
+    the source: a checkpoint path, needed where the store was extracted from a local file). Refused
+    unless the weights' SHA-256 equals the fingerprint's. None when the classifier is not one linear
+    layer (e.g. a convolutional or pooled-norm head)."""
+    source = str(fingerprint.get("weights_source", ""))
+    spec = weights or weights_spec_of(source)
+    if spec is None:
+        raise ProtocacheError(f"the store was extracted with backbone weights from a local file ({source}), whose "
+                              "path it does not record; pass that file: --set backbone_weights=PATH")
+    model, _ = create_frozen_model(str(fingerprint["backbone"]), spec)
+    have, want = state_dict_sha256(model), str(fingerprint.get("weights_sha256", ""))
+    if have != want:
+        raise ProtocacheError(f"the weights {spec} of {fingerprint['backbone']} have SHA-256 {have[:12]}..., the "
+                              f"store's were {want[:12]}...; pass the weights the store was extracted with "
+                              "(--set backbone_weights=PATH)")
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(classifier, torch.nn.Linear):
+        return None
+    bias = classifier.bias if classifier.bias is not None else torch.zeros(classifier.out_features)
+    return classifier.weight.detach().float().clone(), bias.detach().float().clone()

@@ -168,6 +168,7 @@ VALUE_RULES: tuple[tuple[str, Bound], ...] = (
     ("num_workers", NON_NEGATIVE),  # 0: decode in the main process
     ("num_*", AT_LEAST_ONE),
     ("*_top_k", AT_LEAST_ONE),
+    ("top_k", AT_LEAST_ONE),  # predict: classes kept per image
     ("proto_dim", AT_LEAST_ONE),
     ("kmeans_sample", AT_LEAST_ONE),
     ("kmeans_iters", AT_LEAST_ONE),
@@ -184,6 +185,7 @@ VALUE_RULES: tuple[tuple[str, Bound], ...] = (
     ("max_prototypes", NON_NEGATIVE),
     ("patch_px", AT_LEAST_ONE),
     ("seed", NON_NEGATIVE),
+    ("scale", AT_LEAST_ONE),  # bench --scale: images in the store
     # learning rates and loss weights
     ("lr", NON_NEGATIVE),
     ("*_lr", NON_NEGATIVE),

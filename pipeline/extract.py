@@ -1,37 +1,34 @@
 """Extract stage: run a frozen backbone once over a dataset and write a feature store.
 
 Decoding and resizing run in DataLoader worker processes, the forward pass in the main
-process, and shard writes in a background thread, so the three overlap. Batches never
+process, and shard writes in a background thread, so the three overlap (the loop itself is in
+`extract_loop`). Batches never
 straddle shards, so the bytes of a shard do not depend on which shards were extracted
 before it, in which process, or whether the run was interrupted.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from protocache.stores import FeatureStore, StoreLayout, default_shard_size
 from protocache.stores.errors import ProtocacheError
+from protocache.stores.layout import choose_compression, describe_compression, parse_compression, resumed_compression
 from protocache.stores.owned import check_extract_out
 from protocache.stores.shards import shards_to_write
 
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
 from .config import check_values
 from .datasets import Dataset, create_dataset
-from .geometry import input_space_annotations
+from .extract_loop import _default_workers, extract_shards, shard_batches  # noqa: F401 (re-exported)
 from .runtime import dask_client, pin_threads
-from .transforms import (NOISE_SIGMA, ModelInputTransform, make_view, noise_definition,  # noqa: F401 (make_view is re-exported)
+from .transforms import (NOISE_SIGMA, make_view, noise_definition,  # noqa: F401 (make_view is re-exported)
                          noise_sigma_pixels, preprocessing_config, resolve_resize)
 
 VIEWS = ("clean", "hflip", "noise")
@@ -77,8 +74,9 @@ class ExtractConfig:
     """Decode worker processes (default: cores - 1, at most 4)."""
     threads: int | None = None
     """Torch threads; pin for byte-identical re-runs."""
-    compressor: str | None = None
-    """none | zstd[:level] for the arrays."""
+    compression: str = "auto"
+    """auto (zstd:1 where probe tokens compress >= 1.3x: ReLU CNNs like lite0 ~9x, not dense ViTs; a resumed store keeps
+    its codec) | none | zstd[:level 1-22] | blosc[:cname[:level 0-9]] (byte shuffle; lz4 lz4hc blosclz zstd zlib)."""
     overwrite: bool = False
     """Delete an existing store at --out first."""
     repair: bool = False
@@ -98,6 +96,7 @@ class ExtractConfig:
     def validate(self) -> None:
         """Every number in its range (pipeline/config.py's rules) and a shard of whole chunks, before any work."""
         check_values(self, "extract", flags=True)
+        parse_compression(self.compression, what="extract")
         if self.shard_size and self.shard_size % self.chunk_size:
             fit = self.chunk_size * max(1, round(self.shard_size / self.chunk_size))
             raise ProtocacheError(f"extract: --shard-size {self.shard_size} must be a multiple of --chunk-size "
@@ -150,60 +149,21 @@ def _load_cropped(dataset: Dataset, index: int):
     return image.crop(tuple(int(round(v)) for v in box)) if box is not None else image
 
 
-class _ImageViews(torch.utils.data.Dataset):
-    """Decodes image i, resizes it to the model input, and stacks the requested views, each normalised."""
-
-    def __init__(self, dataset: Dataset, transform: ModelInputTransform, views: tuple[str, ...], sigma: float):
-        self.dataset, self.transform, self.views, self.sigma = dataset, transform, views, sigma
-        self.data_config = transform.data_config
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        record = self.dataset.records[index]
-        try:
-            image = self.dataset.load_image(index)
-            image.load()
-            size = image.size  # original width, height
-            if record.get("crop_box") is not None:  # e.g. CUB's bounding-box crop
-                image = image.crop(tuple(int(round(v)) for v in record["crop_box"]))
-            annotations = input_space_annotations(record, image.size, self.data_config)
-            pixels = self.transform.pixels(image)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is reported with the image's path
-            _, h, w = self.data_config["input_size"]
-            blank = torch.zeros(len(self.views), 3, h, w)
-            return index, blank, False, f"{type(exc).__name__}: {exc}", json.dumps({"width": -1, "height": -1})
-        stacked = torch.stack([self.transform.normalize(make_view(pixels, v, record["image_id"], self.sigma))
-                               for v in self.views])
-        extra = {"width": size[0], "height": size[1], **annotations}
-        return index, stacked, True, "", json.dumps(extra)
-
-
-def shard_batches(layout: StoreLayout, shards: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Row batches for the given shards; a batch never crosses a shard boundary."""
-    batches = []
-    for shard in shards:
-        start, stop = layout.shard_bounds(shard)
-        for b in range(start, stop, batch_size):
-            batches.append(list(range(b, min(b + batch_size, stop))))
-    return batches
-
-
 def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backbone,
-                           precision_cosine: float) -> tuple[StoreLayout, dict, dict]:
+                           precision_cosine: float, compression: dict | None = None) -> tuple[StoreLayout, dict, dict]:
     import timm
 
     from protocache.stores import FORMAT_VERSION
 
     views = parse_views(cfg.views)
+    compression = compression or choose_compression(cfg.compression)  # auto without a probe: none
     shard_size = cfg.shard_size or default_shard_size(backbone.grid[0] * backbone.grid[1], backbone.dim,
                                                       cfg.chunk_size)
     if shard_size % cfg.chunk_size:
         raise ProtocacheError(f"--shard-size {shard_size} must be a multiple of the chunk size {cfg.chunk_size}")
     layout = StoreLayout(num_images=len(dataset), grid=backbone.grid, dim=backbone.dim,
                          num_logits=backbone.num_logits, shard_size=shard_size, chunk_size=cfg.chunk_size,
-                         views=views, compressor=cfg.compressor)
+                         views=views, compression=compression["codec"])
     data_config = preprocessing_config(backbone.data_config, resolve_resize(cfg.resize, dataset.extract_defaults))
     fingerprint = {
         "dataset": dataset.name,
@@ -237,6 +197,7 @@ def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backb
         "bf16_cosine_to_fp32": precision_cosine,
         "noise": noise_definition(cfg.noise_sigma),
         "noise_sigma_pixels": noise_sigma_pixels(cfg.noise_sigma),
+        "compression": compression,
     }
     return layout, fingerprint, extra
 
@@ -250,10 +211,6 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _default_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
 def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
                   backbone: Backbone | None = None) -> tuple[FeatureStore, Dataset, Backbone]:
     """Build the dataset and backbone, then create the store (or reopen it if it matches)."""
@@ -264,125 +221,27 @@ def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
     parse_views(cfg.views)
     resolve_resize(cfg.resize)  # a bad value fails before the backbone loads
     pin_threads(cfg.threads)
+    resumed = resumed_compression(cfg.out_path(), cfg.compression, cfg.overwrite)  # before the backbone loads
+    measure = resumed is None and parse_compression(cfg.compression) == "auto"
     dataset = dataset or create_dataset(cfg.dataset, cfg.root, **cfg.dataset_options).limit(cfg.limit)
     if len(dataset) == 0:
         raise ProtocacheError(f"dataset {cfg.dataset} has no images")
     backbone = backbone or Backbone(BackboneConfig(cfg.backbone, cfg.weights, cfg.device, cfg.precision))
     cosine = 1.0
-    if backbone.precision != "fp32":
+    if backbone.precision != "fp32" or measure:  # a few probe images: the bf16 check, auto's compression ratio
         transform = backbone.transform(resolve_resize(cfg.resize, dataset.extract_defaults))
         probe = torch.stack([transform(_load_cropped(dataset, i)) for i in range(min(4, len(dataset)))])
+    if backbone.precision != "fp32":
         cosine = backbone.check_precision(probe)
         if backbone.precision == "fp32":
             _log(f"bf16 tokens differ from fp32 (cosine {cosine:.4f} < 0.99): extracting in fp32")
-    layout, fingerprint, extra = store_layout_and_attrs(cfg, dataset, backbone, cosine)
+    tokens = backbone.forward(probe)[0].cpu().numpy() if measure else None  # in the store's precision
+    compression = choose_compression(cfg.compression, resumed, tokens)
+    if measure:
+        _log(f"compression {describe_compression(compression['codec'], compression)}")
+    layout, fingerprint, extra = store_layout_and_attrs(cfg, dataset, backbone, cosine, compression)
     store = FeatureStore.create_or_open(cfg.out_path(), layout, fingerprint, extra, overwrite=cfg.overwrite)
     return store, dataset, backbone
-
-
-class _ShardWriter(threading.Thread):
-    """Writes finished shards in the background; the first error stops the extraction."""
-
-    def __init__(self, store: FeatureStore):
-        super().__init__(daemon=True)
-        self.store = store
-        self.jobs: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if self.error is None:
-                try:
-                    self.store.write_shard(*job)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                    self.error = exc
-
-    def put(self, job) -> None:
-        if self.error is not None:
-            raise self.error
-        self.jobs.put(job)
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-
-
-def extract_shards(store: FeatureStore, dataset: Dataset, backbone: Backbone, shards: Sequence[int],
-                   cfg: ExtractConfig) -> dict[str, Any]:
-    """Extract and write the given shards (whole shards only). Returns counts and bad images."""
-    layout = store.layout
-    views = layout.views
-    batches = shard_batches(layout, shards, cfg.batch_size)
-    source = _ImageViews(dataset, ModelInputTransform(store.fingerprint["preprocessing"]), views, cfg.noise_sigma)
-    workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
-    loader = torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=workers,
-                                         pin_memory=backbone.device.type == "cuda",
-                                         persistent_workers=False, prefetch_factor=4 if workers else None)
-    total = sum(layout.shard_bounds(s)[1] - layout.shard_bounds(s)[0] for s in shards)
-    writer = _ShardWriter(store)
-    writer.start()
-    bad: list[str] = []
-    t, d, c = layout.num_tokens, layout.dim, layout.num_logits
-    current: dict[str, Any] | None = None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="img", desc=f"extract {store.name}", disable=not cfg.progress,
-               mininterval=1.0, file=sys.stderr)
-    try:
-        for indices, images, ok, reasons, extras in loader:
-            indices = indices.tolist()
-            shard = indices[0] // layout.shard_size
-            if current is None or current["shard"] != shard:
-                start, stop = layout.shard_bounds(shard)
-                current = {"shard": shard, "start": start, "filled": 0, "rows": [None] * (stop - start),
-                           "arrays": {v: {"tokens": np.zeros((stop - start, t, d), np.float16),
-                                          "pooled": np.zeros((stop - start, d), np.float16),
-                                          **({"logits": np.zeros((stop - start, c), np.float16)} if c else {})}
-                                      for v in views}}
-            for k, index in enumerate(indices):
-                if not bool(ok[k]):
-                    path = dataset.records[index]["path"]
-                    if cfg.on_bad_image == "error":
-                        raise ProtocacheError(
-                            f"cannot read image {path} ({reasons[k]}). Fix or remove the file, or pass "
-                            "--on-bad-image skip to record it as bad and carry on; shards already written are kept.")
-                    bad.append(path)
-            for v, view in enumerate(views):
-                tokens, pooled, logits = backbone.forward(images[:, v])
-                rel = [i - current["start"] for i in indices]
-                lo, hi = rel[0], rel[-1] + 1
-                arrs = current["arrays"][view]
-                arrs["tokens"][lo:hi] = tokens.cpu().numpy()
-                arrs["pooled"][lo:hi] = pooled.cpu().numpy()
-                if c:
-                    arrs["logits"][lo:hi] = logits.cpu().numpy()
-                for k in range(len(indices)):
-                    if not bool(ok[k]):  # a bad image keeps zero features in every view
-                        arrs["tokens"][rel[k]] = 0
-                        arrs["pooled"][rel[k]] = 0
-                        if c:
-                            arrs["logits"][rel[k]] = 0
-            for k, index in enumerate(indices):
-                record = {kk: vv for kk, vv in dataset.records[index].items()}
-                record["row"] = index
-                record["ok"] = bool(ok[k])
-                record["reason"] = reasons[k]
-                record.update(json.loads(extras[k]))
-                current["rows"][index - current["start"]] = record
-            current["filled"] += len(indices)
-            bar.update(len(indices))
-            if current["filled"] == len(current["rows"]):
-                writer.put((current["shard"], current["arrays"], current["rows"]))
-                current = None
-    finally:
-        bar.close()
-        writer.close()
-    return {"images": total, "shards": len(shards), "bad_images": bad}
 
 
 def _nothing_to_do(store: FeatureStore, started: float) -> ExtractResult:

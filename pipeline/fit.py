@@ -46,6 +46,7 @@ from .heads import Head, StoreInfo, head_class, resolve_config, store_info
 from .runtime import pin_threads, resolve_device, seed_everything
 # (ArraySplit, MappedSplit and Validation are re-exported: the recipe-facing names of the fit stage)
 from .sources import ArraySplit, Batches, MappedSplit, StoreSplit, derive, epoch_seed, to_torch  # noqa: F401
+from .sources import with_backbone_labels
 from .validation import VAL_ROWS, Validation, check_val_fraction, store_with_validation, validation_split  # noqa: F401
 
 RUN_FORMAT = 1
@@ -103,10 +104,12 @@ class FitContext:
     """
 
     def __init__(self, store: FeatureStore, info: StoreInfo, fit: FitConfig, device: torch.device,
-                 log: Callable[[str], None], num_val: int = 0):
+                 log: Callable[[str], None], num_val: int = 0, group: Any = None):
         self.store, self.info, self.fit, self.device, self.log = store, info, fit, device, log
         self.num_val = num_val
         """Images in split "val" (0: no validation split, val_fraction 0)."""
+        self.group = group
+        """The ablation read pass this fit trains in (pipeline/ablate_vectorised.py), or None."""
         self.loss_curve: list[dict[str, Any]] = []
         self.extra: dict[str, Any] = {}
         self._epoch_counter = 0
@@ -164,7 +167,13 @@ class FitContext:
               step: Callable[[dict[str, torch.Tensor], float], torch.Tensor],
               after_step: Callable[[], None] | None = None,
               after_epoch: Callable[[int], None] | None = None) -> None:
-        """The shared loop: step(batch, epoch_progress) -> loss; records a loss per epoch."""
+        """The shared loop: step(batch, epoch_progress) -> loss; records a loss per epoch.
+
+        In an ablation read pass the group runs this loop together with the same loop of its other
+        heads (one read of each batch for all, vectorised where the step is a StackedStep)."""
+        if self.group is not None:
+            return self.group.train(self, stage, source, optimizer, epochs, batch_size, step,
+                                    after_step=after_step, after_epoch=after_epoch)
         steps = math.ceil(source.num_rows / batch_size)
         started = time.perf_counter()
         with self.progress(epochs * steps, stage) as bar:
@@ -175,10 +184,7 @@ class FitContext:
                     loss = step(batch, epoch + i / steps)
                     value = float(loss.detach())
                     if not math.isfinite(value):  # stop before the weights take a NaN step; no run is written
-                        raise ProtocacheError(
-                            f"{stage}: the loss is {value} at epoch {epoch + 1}, step {i + 1}: training diverged "
-                            "and was stopped, nothing was written. Lower the learning rate (e.g. --set lr=...), "
-                            "and check the store with `protocache verify`.")
+                        raise loss_diverged(stage, value, epoch, i)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -195,6 +201,14 @@ class FitContext:
                     after_epoch(epoch)
         self.log(f"{stage}: {epochs} epoch(s), {epochs * steps} steps of batch {batch_size}, "
                  f"final loss {self.loss_curve[-1]['loss']:.4f} ({time.perf_counter() - started:.1f}s)")
+
+
+def loss_diverged(stage: str, value: float, epoch: int, step: int) -> ProtocacheError:
+    """The error that stops a fit whose loss became NaN/Inf (epoch and step counted from 0)."""
+    return ProtocacheError(
+        f"{stage}: the loss is {value} at epoch {epoch + 1}, step {step + 1}: training diverged "
+        "and was stopped, nothing was written. Lower the learning rate (e.g. --set lr=...), "
+        "and check the store with `protocache verify`.")
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -260,7 +274,7 @@ def _package_version() -> str:
 
 def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: dict[str, Any] | None = None,
              fit: FitConfig | None = None, *, store: Any = None,
-             extra_config: dict[str, Any] | None = None, replace: bool = False) -> FitResult:
+             extra_config: dict[str, Any] | None = None, replace: bool = False, group: Any = None) -> FitResult:
     """Fit head `name` on the store and write RUN/ (weights, config, metrics, log).
 
     The run is written into a hidden sibling and renamed into place when complete, so a
@@ -268,7 +282,8 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     run fitted on another store (ablate re-training a stale point); fit-head refuses that.
 
     `store` may be an already opened store (or a wrapper with the same API, e.g. the
-    ablation's shared reader); `extra_config` is merged into config.json.
+    ablation's shared reader); `extra_config` is merged into config.json; `group` is the
+    ablation read pass whose heads train together (FitContext.train).
     """
     fit = fit or FitConfig()
     fit.validate()
@@ -276,12 +291,14 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     overrides = dict(head_config or {})
     if fit.epochs is not None:
         overrides["epochs"] = fit.epochs
-    build_config(head_class(name).config_class, overrides, f"head {name!r}")  # keys, types, ranges: before the store
+    requested = build_config(head_class(name).config_class, overrides, f"head {name!r}")  # checked before the store
     if store is None:
         store = open_complete_store(store_path)
     elif store.missing_shards():
         raise MissingShardError(f"{store.path}: shard(s) {store.missing_shards()} are not written; "
                                 "finish `protocache extract` before fitting a head.")
+    if getattr(requested, "target", "labels") == "backbone":  # explain the backbone: its top-1 is the label
+        store = with_backbone_labels(store)
     info = store_info(store)
     config = resolve_config(name, info, overrides)  # unknown keys fail before the run folder is touched
     validation = validation_split(store, check_val_fraction(fit.val_fraction), fit.seed)
@@ -306,7 +323,8 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
         log(f"validation: {note}")
     head = head_class(name)(info, config).to(device)
     head.train()
-    ctx = FitContext(store_with_validation(store, validation), info, fit, device, log, num_val=len(validation.rows))
+    ctx = FitContext(store_with_validation(store, validation), info, fit, device, log, num_val=len(validation.rows),
+                     group=group)
     head.fit(ctx)
     head.eval()
     fields = head_fields(head)
@@ -328,12 +346,15 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
         **head.extra_metrics(),
         **ctx.extra,
     }
+    if (store.attrs.get("labels") or {}).get("source") == "backbone":  # labels = the backbone's top-1
+        metrics.update(backbone_agreement=test_acc, backbone_agreement_val=val_acc)
     config_json = {
         "format": RUN_FORMAT,
         "head": name,
         "head_config": asdict(config),
         "fit": asdict(fit),
         "validation": validation.to_json(),
+        "labels": store.attrs.get("labels") or {"source": "dataset"},
         "store": {"path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint,
                   "info": info.to_json()},
         "versions": {"protocache": _package_version(), "torch": torch.__version__.split("+")[0]},

@@ -87,9 +87,14 @@ def val_rows(run_dir: str | Path, config: dict[str, Any] | None = None) -> np.nd
 
 
 def run_splits(run_dir: str | Path, store: Any, config: dict[str, Any] | None = None) -> Any:
-    """`store` split as the run's fit saw it: "val" = the run's validation rows, "train" = the
-    train rows it fitted on, "test" unchanged. The store itself when nothing was carved."""
+    """`store` split and labelled as the run's fit saw it: "val" = the run's validation rows, "train" =
+    the train rows it fitted on, "test" unchanged; labels = the backbone's top-1 for a target=backbone
+    run. The store itself when nothing was carved or relabelled."""
     config = config if config is not None else run_files.read_json(Path(run_dir) / run_files.CONFIG)
+    if (config.get("labels") or {}).get("source") == "backbone":  # target=backbone: labels = the backbone's top-1
+        from .sources import with_backbone_labels
+
+        store = with_backbone_labels(store)
     if (config.get("validation") or {}).get("source") != "carved":
         return store
     rows = val_rows(run_dir, config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from protocache.stores import FeatureStore
@@ -108,6 +109,42 @@ def derive(source: Batches, fn: Callable[[dict[str, np.ndarray]], dict[str, np.n
         for k, v in out.items():
             parts.setdefault(k, []).append(v)
     return ArraySplit({k: np.concatenate(v) for k, v in parts.items()}, seed=getattr(source, "seed", 0))
+
+
+def with_backbone_labels(store: FeatureStore) -> FeatureStore:
+    """A read-only view of `store` whose labels are the backbone's own top-1 (argmax of the cached
+    `logits`) and whose classes are the backbone classifier's (ImageNet's names for a 1,000-way
+    classifier): what a head trained to explain the pretrained network itself fits and is measured
+    on (`target=backbone`), so accuracy on a split is agreement with the backbone. Splits, arrays and
+    the fingerprint are the store's; attrs["labels"] records where the labels came from."""
+    from protocache.stores.errors import ProtocacheError
+
+    from .backbones import backbone_class_names
+
+    if not isinstance(store, FeatureStore):
+        raise ProtocacheError("target=backbone needs the store itself (not ablate's shared reader); "
+                              "fit it with `protocache fit-head`")
+    if not store.has_logits:
+        raise ProtocacheError(f"{store.path} holds no logits (its backbone {store.fingerprint.get('backbone')} has "
+                              "no classifier), so there is no backbone to explain: use target=labels, or extract "
+                              "with a backbone that has a classifier")
+    lay = store.layout
+    top1 = np.concatenate([store.read("logits", start, min(start + lay.shard_size, lay.num_images)).argmax(1)
+                           for start in range(0, lay.num_images, lay.shard_size)]).astype(np.int64)
+    names = backbone_class_names(lay.num_logits)
+    table = store.metadata()
+    table = table.set_column(table.column_names.index("label"), "label", pa.array(top1, type=pa.int64()))
+    if "class_name" in table.column_names:
+        table = table.set_column(table.column_names.index("class_name"), "class_name",
+                                 pa.array([names[k] for k in top1], type=pa.string()))
+    attrs = {**store.attrs, "num_classes": lay.num_logits, "class_names": names,
+             "labels": {"source": "backbone", "rule": "argmax of the cached logits",
+                        "backbone": store.fingerprint.get("backbone"),
+                        "weights_sha256": store.fingerprint.get("weights_sha256"),
+                        "dataset_class_names": list(store.attrs.get("class_names") or [])}}
+    view = FeatureStore(store.location, store.group, attrs)
+    view._metadata = table  # as with_splits does: the arrays and shards are shared, only the labels differ
+    return view
 
 
 def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:

@@ -20,6 +20,11 @@ can hook in between:
    as torchvision's ``Normalize``, so a clean ``timm`` view is bit-identical to
    ``timm.data.create_transform(**data_config)``.
 
+The extraction loop splits steps 2-3 across processes: its decode workers stop at uint8 pixels
+(``ModelInputTransform.pixels_uint8``, a quarter of the bytes) and ``BatchNormalizer`` runs
+``to_tensor``'s and ``Normalize``'s float32 ops, in their order, on a whole batch in the main
+process, so the backbone gets the same values bit for bit.
+
 The noise view is Huang et al.'s stability perturbation (hqhQAQ/EvalProtoPNet,
 ``util/eval_interpretability.py``): on an ImageNet-normalised image ``(p - m_c) / s_c``
 it adds i.i.d. Gaussian noise of std 0.2 per element, each draw clipped to [-0.25, 0.25]
@@ -36,6 +41,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -114,6 +120,51 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return functional.normalize(pixels, list(mean), list(std))
 
 
+def pixels_from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] in [0, 1] (channels-last strides), the values of to_pixels:
+    to_tensor converts to float, then divides by 255."""
+    return pixels.movedim(-1, -3).to(torch.get_default_dtype()).div(255)
+
+
+class BatchNormalizer:
+    """A batch of model-input pixels -> the backbone's normalised input, on its device and in its memory layout.
+
+    Bit-identical to ``normalize(to_pixels(image))`` per image: the same float32 ops in the same order
+    (to float, / 255, - mean, / std), each rounded alike whatever the layout. The divisors are device
+    tensors, not Python numbers: CUDA divides by a CPU scalar as a multiplication by its reciprocal,
+    which can differ from a division in the last bit.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
+                 channels_last: bool = False):
+        dtype = torch.get_default_dtype()
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.scale = torch.full((1, 1, 1, 1), 255, dtype=dtype, device=self.device)
+        self.mean = torch.as_tensor(list(mean), dtype=dtype, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(list(std), dtype=dtype, device=self.device).view(1, -1, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] pixels, or float [B, 3, H, W] pixels in [0, 1] (a noise view) -> float [B, 3, H, W]."""
+        x = pixels.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:  # HWC uint8 permuted is already channels-last: no copy for CNNs
+            x = x.permute(0, 3, 1, 2).to(self.scale.dtype, memory_format=self.memory_format).div_(self.scale)
+        else:
+            x = x.to(self.scale.dtype, memory_format=self.memory_format, copy=True)
+        mean, std = self._rows(x.shape[-1])
+        return x.sub_(mean).div_(std)
+
+    def _rows(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as [1, 3, 1, W] in the batch's memory format: in channels-last memory a [1, 3, 1, 1]
+        operand repeats every 3 values, which torch's CPU kernels run element by element (3x the time of
+        the whole rest of the normalisation); a full row lets them vectorise."""
+        if getattr(self, "_width", None) != width:
+            self._width = width
+            self._mean_row, self._std_row = (v.expand(1, v.shape[1], 1, width).contiguous(memory_format=self.memory_format)
+                                             for v in (self.mean, self.std))
+        return self._mean_row, self._std_row
+
+
 class ModelInputTransform:
     """PIL image -> the normalised tensor the backbone gets (picklable, for DataLoader workers)."""
 
@@ -125,6 +176,10 @@ class ModelInputTransform:
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The model-input image in [0, 1], before any view and normalisation."""
         return to_pixels(self.geometry(image.convert("RGB")))
+
+    def pixels_uint8(self, image: Image.Image) -> torch.Tensor:
+        """The model-input image as uint8 [H, W, 3]: what `pixels` holds before its division by 255."""
+        return torch.from_numpy(np.array(self.geometry(image.convert("RGB")), dtype=np.uint8))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return normalize(pixels, self.mean, self.std)

@@ -1,16 +1,31 @@
-"""Streaming batches out of a feature store, a bounded window of whole shards at a time."""
+"""Streaming batches out of a feature store, a bounded window of whole shards at a time.
+
+A window of `shards_in_memory` shards is read into one of two sets of arrays allocated once
+per iteration and refilled (the window being consumed and the one being prefetched: memory
+stays at two windows however long the split is), straight from the shard files by
+`shard_reader` where it can decode them (local stores, raw or zstd/blosc chunks), through zarr
+otherwise. A batch is then one gather from the window's arrays, the same work as indexing
+arrays held in RAM.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from .errors import ProtocacheError
-from .layout import ARRAY_NAMES, CLEAN
+from .layout import ARRAY_NAMES, CLEAN, array_path
+from .shard_reader import ShardReader, read_shards
 
 if TYPE_CHECKING:
     from .feature_store import FeatureStore
+
+FIELDS = ARRAY_NAMES + ("label", "row")
+PREFETCH_THREAD = "protocache-prefetch"
 
 
 def iter_batches(store: "FeatureStore", split: str | None = "train", batch_size: int = 256, *,
@@ -20,13 +35,17 @@ def iter_batches(store: "FeatureStore", split: str | None = "train", batch_size:
                  prefetch: bool = True) -> Iterator[dict[str, Any]]:
     """Stream batches of one split, holding a bounded number of shards in memory.
 
-    Rows are read a window of `shards_in_memory` shards at a time; with prefetch the
-    next window is read in a background thread while the current one is consumed (so
-    at most two windows are in memory). With shuffle, the shard order is permuted and
-    rows are permuted within each window, all from `seed`. Fields are array names
-    ('tokens', 'pooled', 'logits') and the metadata columns 'label' and 'row'. Arrays
-    come as float16 numpy (or torch tensors with as_torch=True).
+    Rows are read a window of `shards_in_memory` whole shards at a time; with prefetch the
+    next window is read in a background thread while the current one is consumed (so at
+    most two windows are in memory). With shuffle, the shard order is permuted and rows are
+    permuted within each window, all from `seed`. Fields are array names ('tokens',
+    'pooled', 'logits') and the metadata columns 'label' and 'row'. Arrays come as float16
+    numpy (or torch tensors with as_torch=True); every batch is a fresh array the caller owns.
     """
+    fields = tuple(fields)
+    unknown = [f for f in fields if f not in FIELDS]
+    if unknown:
+        raise ProtocacheError(f"unknown batch field {unknown[0]!r}; use tokens, pooled, logits, label or row")
     rows_wanted = store.split_rows(split)
     s = store.layout.shard_size
     by_shard: dict[int, list[int]] = {}
@@ -41,81 +60,143 @@ def iter_batches(store: "FeatureStore", split: str | None = "train", batch_size:
     # Draw every permutation up front so the order never depends on the prefetch thread.
     orders = [rng.permutation(sum(len(by_shard[sh]) for sh in win)) if shuffle else None for win in windows]
     labels = store.labels()
-    loaded = (load_window(store, win, by_shard, fields, labels, view) for win in windows)
+    source = WindowSource(store, fields, view, windows)
+    loaded = (source.load(win, by_shard, labels) for win in windows)
     if prefetch:
         loaded = prefetched(loaded)
     carry: dict[str, np.ndarray] | None = None
-    for (blocks, offsets), order in zip(loaded, orders):
-        n = int(offsets[-1])
-        order = np.arange(n) if order is None else order
-
-        def take(index: np.ndarray) -> dict[str, np.ndarray]:
-            return {f: gather(blocks[f], offsets, index) for f in fields}
-
-        i = 0
-        if carry is not None:
-            need = min(batch_size - len(carry[fields[0]]), n)
-            head = take(order[:need])
-            carry = {f: np.concatenate([carry[f], head[f]]) for f in fields}
-            i = need
-            if len(carry[fields[0]]) < batch_size:
-                continue
-            yield as_batch(carry, as_torch)
-            carry = None
-        while i + batch_size <= n:
-            yield as_batch(take(order[i:i + batch_size]), as_torch)
-            i += batch_size
-        if i < n:
-            carry = take(order[i:])
+    try:
+        for window, order in zip(loaded, orders):
+            n = len(window.rows)
+            order = np.arange(n) if order is None else order
+            i = 0
+            if carry is not None:
+                need = min(batch_size - len(carry[fields[0]]), n)
+                head = window.take(order[:need])
+                carry = {f: np.concatenate([carry[f], head[f]]) for f in fields}
+                i = need
+                if len(carry[fields[0]]) < batch_size:
+                    window.release()
+                    continue
+                yield as_batch(carry, as_torch)
+                carry = None
+            while i + batch_size <= n:
+                yield as_batch(window.take(order[i:i + batch_size]), as_torch)
+                i += batch_size
+            if i < n:
+                carry = window.take(order[i:])
+            window.release()  # every row it holds has been copied out: the producer may refill it
+    finally:
+        source.close()
+        loaded.close()
     if carry is not None and not drop_last:
         yield as_batch(carry, as_torch)
 
 
-def load_window(store: "FeatureStore", shards: Sequence[int], by_shard: dict[int, list[int]],
-                fields: Sequence[str], labels: np.ndarray, view: str
-                ) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
-    """The wanted rows of a few shards, each shard read whole and in one call per array.
+@dataclass
+class Window:
+    """The wanted rows of a few shards, in memory: batches gather from it."""
 
-    Returns the per-shard blocks of every field (not concatenated: batches gather from
-    them directly) and the row offsets of the blocks within the window.
-    """
-    parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-    for shard in shards:
-        rows = np.asarray(by_shard[shard], dtype=np.int64)
-        start, stop = store.layout.shard_bounds(shard)
-        whole = len(rows) == stop - start
-        for f in fields:
-            if f in ARRAY_NAMES:
-                block = store.read(f, start, stop, view)
-                parts[f].append(block if whole else block[rows - start])
+    arrays: dict[str, np.ndarray]
+    """Array field -> every row of the window's shards, shard after shard (a view of a slot)."""
+    rows: np.ndarray
+    """Store rows of the wanted rows, shard after shard: what the permutation `order` indexes."""
+    positions: np.ndarray | None
+    """Where each wanted row sits in `arrays` (None: all rows of every shard, in order)."""
+    labels: np.ndarray
+    fields: tuple[str, ...]
+    source: "WindowSource"
+    slot: dict[str, np.ndarray]
+
+    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """Wanted rows `index` of every field (fresh arrays)."""
+        at = index if self.positions is None else self.positions[index]
+        out = {}
+        for f in self.fields:
+            if f in self.arrays:
+                out[f] = self.arrays[f][at]
             elif f == "label":
-                parts[f].append(labels[rows])
-            elif f == "row":
-                parts[f].append(rows)
+                out[f] = self.labels[self.rows[index]]
             else:
-                raise ProtocacheError(f"unknown batch field {f!r}; use tokens, pooled, logits, label or row")
-    sizes = [len(by_shard[shard]) for shard in shards]
-    return parts, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+                out[f] = self.rows[index]
+        return out
+
+    def release(self) -> None:
+        self.source.release(self.slot)
 
 
-def gather(blocks: list[np.ndarray], offsets: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """Rows `index` of the virtual concatenation of `blocks` (block b starts at offsets[b])."""
-    if len(blocks) == 1:
-        return blocks[0][index]
-    which = np.searchsorted(offsets, index, side="right") - 1
-    out = np.empty((len(index),) + blocks[0].shape[1:], dtype=blocks[0].dtype)
-    for b, block in enumerate(blocks):
-        mask = which == b
-        if mask.any():
-            out[mask] = block[index[mask] - offsets[b]]
-    return out
+class IteratorClosed(Exception):
+    """The consumer of a batch iterator stopped while a window was being read for it."""
+
+
+class WindowSource:
+    """Reads windows of shards into two slots (sets of arrays), each allocated on first use and
+    refilled: a window is read only into a slot the consumer has released."""
+
+    def __init__(self, store: "FeatureStore", fields: tuple[str, ...], view: str, windows: list[list[int]]):
+        self.store, self.view, self.fields = store, view, fields
+        self.names = [f for f in fields if f in ARRAY_NAMES]
+        arrays = {f: store.array(f, view) for f in self.names}  # checks the view and that logits exist
+        self.shapes = {f: tuple(a.shape[1:]) for f, a in arrays.items()}
+        self.dtypes = {f: np.dtype(a.dtype) for f, a in arrays.items()}
+        self.readers = {f: ShardReader.for_array(store, array_path(f, view)) for f in self.names}
+        bounds = store.layout.shard_bounds
+        self.capacity = max((sum(bounds(sh)[1] - bounds(sh)[0] for sh in win) for win in windows), default=0)
+        self.free: queue.LifoQueue = queue.LifoQueue()  # LIFO: without prefetch one slot is reused
+        for _ in range(2):
+            self.free.put({})
+        self.closed = False
+
+    def acquire(self) -> dict[str, np.ndarray]:
+        slot = self.free.get()
+        if self.closed:
+            self.free.put(slot)  # wake any other waiter too
+            raise IteratorClosed("the batch iterator was closed")
+        for f in self.names:
+            if f not in slot:
+                slot[f] = np.empty((self.capacity,) + self.shapes[f], dtype=self.dtypes[f])
+        return slot
+
+    def release(self, slot: dict[str, np.ndarray]) -> None:
+        self.free.put(slot)
+
+    def close(self) -> None:
+        """Unblock a producer waiting for a slot (the consumer stopped early)."""
+        self.closed = True
+        self.free.put({})
+
+    def load(self, shards: Sequence[int], by_shard: dict[int, list[int]], labels: np.ndarray) -> Window:
+        """The window of `shards` (each read whole, every array's chunks in parallel), in a free slot."""
+        layout = self.store.layout
+        for shard in shards:  # missing shards raise before anything is read
+            self.store.require_rows(*layout.shard_bounds(shard))
+        slot = self.acquire()
+        try:
+            jobs, base, wanted, positions = [], 0, [], []
+            for shard in shards:
+                start, stop = layout.shard_bounds(shard)
+                for f in self.names:
+                    region = slot[f][base:base + stop - start]
+                    if self.readers[f] is not None:
+                        jobs.append((self.readers[f], shard, region))
+                    else:  # zarr decodes what the fast reader does not
+                        region[...] = self.store.read(f, start, stop, self.view)
+                rows = np.asarray(by_shard[shard], dtype=np.int64)
+                wanted.append(rows)
+                positions.append(rows - start + base)
+                base += stop - start
+            read_shards(jobs)
+        except BaseException:
+            self.release(slot)
+            raise
+        rows = np.concatenate(wanted)
+        whole = len(rows) == base
+        return Window({f: slot[f][:base] for f in self.names}, rows, None if whole else np.concatenate(positions),
+                      labels, self.fields, self, slot)
 
 
 def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     """Produce the next item(s) in a background thread while the caller works on the current one."""
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -130,7 +211,7 @@ def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             q.put((done, exc))
 
-    thread = threading.Thread(target=produce, daemon=True)
+    thread = threading.Thread(target=produce, daemon=True, name=PREFETCH_THREAD)
     thread.start()
     try:
         while True:

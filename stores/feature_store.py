@@ -35,8 +35,8 @@ from . import owned
 from . import shards
 from .errors import FingerprintMismatch, MissingShardError, ProtocacheError, StoreNotFound
 from .fingerprint import compare_fingerprints, describe_difference, describe_layout_difference
-from .layout import (ATTRS_KEY, CLEAN, FORMAT_VERSION, StoreLayout, array_path, create_arrays, default_shard_size,
-                     layout_matches, stored_arrays, zarr_store)
+from .layout import (ATTRS_KEY, CLEAN, FORMAT_VERSION, StoreLayout, array_path, array_paths, create_arrays,
+                     default_shard_size, layout_matches, stored_arrays, zarr_store)
 
 __all__ = ["FeatureStore", "StoreLayout", "CLEAN", "FORMAT_VERSION", "default_shard_size"]
 
@@ -302,8 +302,15 @@ class FeatureStore:
     def bytes_on_disk(self) -> int:
         return int(self.fs.du(self.root))
 
+    def raw_bytes(self) -> int:
+        """Logical float16 bytes of every array (all views) over the written shards: what the store would take raw."""
+        per_row = sum(int(np.prod(self.group[p].shape[1:])) * 2 for p in array_paths(self.layout))
+        bounds = [self.layout.shard_bounds(s) for s in self.written_shards(refresh=True)]
+        return per_row * sum(stop - start for start, stop in bounds)
+
     def info(self) -> dict[str, Any]:
         lay = self.layout
+        on_disk, raw = self.bytes_on_disk(), self.raw_bytes()
         return {
             "path": str(self.path),
             "num_images": lay.num_images,
@@ -317,7 +324,11 @@ class FeatureStore:
             "shards_total": lay.num_shards,
             "complete": self.is_complete,
             "views": list(lay.views),
-            "bytes_on_disk": self.bytes_on_disk(),
+            "bytes_on_disk": on_disk,
+            "raw_bytes": raw,
+            "stored_over_raw": on_disk / raw if raw else None,
+            "compression": lay.compression,
+            "compression_choice": self.attrs.get("compression"),
             "fingerprint": self.fingerprint,
         }
 

@@ -106,9 +106,10 @@ def replace_dir(staging: str | Path, final: str | Path) -> None:
 
 
 def replace_file(path: str | Path, write) -> None:
-    """Write a file through a hidden temporary sibling: `write(tmp_path)` then rename over `path`."""
+    """Write a file through a hidden temporary sibling: `write(tmp_path)` then rename over `path`.
+    The sibling keeps the suffix (`.model.tmp.pt2`), for writers that look at it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
         write(tmp)
         tmp.replace(path)

@@ -6,7 +6,8 @@ file, which zarr would also read as fill values, counts as missing), and readers
 that before touching a shard.
 
 Soundness. Every inner chunk carries a CRC-32C (the layout's ``checksum``, see
-``layout.py``) and every shard index its own, checked by zarr on each read. A read that
+``layout.py``) and every shard index its own, checked on each read (by zarr, or by
+`shard_reader`, which parses the index with `ShardIndex` as `check_array` does). A read that
 fails is diagnosed here (`check_array`) and raised as `CorruptShardError`, one line naming
 the shard, the inner chunk (its image rows) and the repair. `check_shard` reads a shard's
 files directly (the zarr v3 sharding format: chunk bytes, then an index of (offset, length)
@@ -41,7 +42,7 @@ from .layout import StoreLayout, array_paths, shard_keys
 if TYPE_CHECKING:
     from .feature_store import FeatureStore
 
-_EMPTY = 2**64 - 1  # the sharding index's (offset, length) of a chunk that was never written
+EMPTY_CHUNK = 2**64 - 1  # the sharding index's (offset, length) of a chunk that was never written
 
 
 class CorruptShardError(ProtocacheError):
@@ -109,12 +110,47 @@ def _crc32c(data) -> bytes:
     return np.uint32(google_crc32c.value(bytes(data))).tobytes()
 
 
-def _codecs(array: zarr.Array):
+def chunk_codecs(array: zarr.Array):
     """(sharding codec or None, the chunk codecs, whether the chunks carry a crc32c)."""
     codecs = tuple(array.metadata.codecs)
     sharding = codecs[0] if isinstance(codecs[0], zarr.codecs.ShardingCodec) else None
     inner = tuple(sharding.codecs) if sharding is not None else codecs
     return sharding, inner, any(isinstance(c, zarr.codecs.Crc32cCodec) for c in inner)
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """The index of a sharded array's file (zarr v3 sharding): an (offset, length) pair of
+    little-endian uint64 per inner chunk, then their CRC-32C when `checksummed`, at the file's
+    end (or start). Read here by `check_array` and by the fast reader (`shard_reader`)."""
+
+    num_chunks: int
+    checksummed: bool
+    at_end: bool
+
+    @classmethod
+    def of(cls, array: zarr.Array, sharding) -> "ShardIndex":
+        n = int(np.prod([s // k for s, k in zip(array.shards, sharding.chunk_shape)]))
+        checksummed = any(isinstance(k, zarr.codecs.Crc32cCodec) for k in sharding.index_codecs)
+        return cls(n, checksummed, sharding.index_location.value == "end")
+
+    @property
+    def size(self) -> int:
+        return 16 * self.num_chunks + 4 * self.checksummed
+
+    def span(self, file_size: int) -> tuple[int, int]:
+        """Byte range [lo, hi) of the index in a file of `file_size` bytes."""
+        return (file_size - self.size, file_size) if self.at_end else (0, self.size)
+
+    def data_span(self, file_size: int) -> tuple[int, int]:
+        """Byte range [lo, hi) where the chunks lie."""
+        return (0, file_size - self.size) if self.at_end else (self.size, file_size)
+
+    def parse(self, index) -> np.ndarray | None:
+        """(offset, length) of each inner chunk, [num_chunks, 2] uint64; None when the index fails its checksum."""
+        if self.checksummed and _crc32c(index[:-4]) != bytes(index[-4:]):
+            return None
+        return np.frombuffer(bytes(index[:16 * self.num_chunks]), dtype="<u8").reshape(self.num_chunks, 2)
 
 
 def _decode_fault(store: "FeatureStore", name: str, shard: int, chunk: int | None, lo: int, hi: int) -> Fault | None:
@@ -136,7 +172,7 @@ def check_array(store: "FeatureStore", name: str, shard: int, full: bool = True)
     size = _key_size(store.group, key)
     if size == 0:
         return [Fault(shard, name, "shard file is missing or empty", None, (start, stop - 1))]
-    sharding, inner, checksummed = _codecs(array)
+    sharding, inner, checksummed = chunk_codecs(array)
     blob = store.fs.cat_file(path) if (full or sharding is None and checksummed) else None
     if blob is not None:
         size = len(blob)
@@ -148,30 +184,25 @@ def check_array(store: "FeatureStore", name: str, shard: int, full: bool = True)
             return [fault] if fault else []
         return []
     c = sharding.chunk_shape[0]
-    n = int(np.prod([s // k for s, k in zip(array.shards, sharding.chunk_shape)]))
-    index_crc = any(isinstance(k, zarr.codecs.Crc32cCodec) for k in sharding.index_codecs)
-    index_size = 16 * n + 4 * index_crc
-    if size < index_size:
-        return [Fault(shard, name, f"shard file is {size} bytes, shorter than its own index ({index_size} bytes): "
-                      "truncated", None, (start, stop - 1))]
-    at_end = sharding.index_location.value == "end"
-    lo_data, hi_data = (0, size - index_size) if at_end else (index_size, size)
-    if blob is None:
-        index = store.fs.cat_file(path, start=size - index_size if at_end else 0,
-                                  end=size if at_end else index_size)
-    else:
-        index = blob[size - index_size:] if at_end else blob[:index_size]
-    if index_crc and _crc32c(index[:-4]) != bytes(index[-4:]):
+    index_format = ShardIndex.of(array, sharding)
+    n = index_format.num_chunks
+    if size < index_format.size:
+        return [Fault(shard, name, f"shard file is {size} bytes, shorter than its own index ({index_format.size} "
+                      "bytes): truncated", None, (start, stop - 1))]
+    lo_data, hi_data = index_format.data_span(size)
+    lo_index, hi_index = index_format.span(size)
+    index = store.fs.cat_file(path, start=lo_index, end=hi_index) if blob is None else blob[lo_index:hi_index]
+    table = index_format.parse(index)
+    if table is None:
         return [Fault(shard, name, "shard index fails its checksum (the file was overwritten or truncated)",
                       None, (start, stop - 1))]
-    table = np.frombuffer(bytes(index[:16 * n]), dtype="<u8").reshape(n, 2)
     faults = []
     for k in range(n):
         lo, hi = start + k * c, min(start + (k + 1) * c, layout.num_images)
         if lo >= layout.num_images:
             break  # a chunk wholly past the last image holds nothing
         offset, length = (int(v) for v in table[k])
-        if offset == _EMPTY:
+        if offset == EMPTY_CHUNK:
             continue  # never written: all fill values (zarr skips all-zero chunks), read as zeros
         if offset < lo_data or offset + length > hi_data or length < 4 * checksummed:
             faults.append(Fault(shard, name, f"chunk bytes {offset}..{offset + length} lie outside the file "

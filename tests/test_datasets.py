@@ -417,8 +417,8 @@ def test_folder_of_class_folders_is_split_by_a_seeded_stratified_rule(tmp_path):
 def test_folder_errors(tmp_path):
     with pytest.raises(ProtocacheError, match="pass --root"):
         create_dataset("folder")
-    write_jpeg(tmp_path / "loose.jpg")
-    with pytest.raises(ProtocacheError, match="one folder per class"):
+    write_jpeg(tmp_path / "loose.jpg")  # loose images only: an unlabeled folder, which a split needs 2 of
+    with pytest.raises(ProtocacheError, match="fewer than 2 images"):
         create_dataset("folder", root=tmp_path)
     write_jpeg(tmp_path / "only_one" / "a.jpg")
     write_jpeg(tmp_path / "two" / "a.jpg")

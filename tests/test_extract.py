@@ -101,17 +101,20 @@ def test_other_fingerprint_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------- the noise view
 def _grey_views(data_config: dict, image_ids=("grey-0",), size=(128, 96)):
-    """extract's own per-image step (_ImageViews) on constant grey images: clean and noise views, normalised."""
+    """extract's own steps on constant grey images (_ImageViews in the workers, then the batched normalisation):
+    clean and noise views, normalised, [2, 3, H, W] per image."""
     from PIL import Image
 
     from protocache.pipeline.datasets import Dataset
-    from protocache.pipeline.extract import _ImageViews
-    from protocache.pipeline.transforms import ModelInputTransform
+    from protocache.pipeline.extract_loop import _ImageViews, collate_images, view_inputs
+    from protocache.pipeline.transforms import BatchNormalizer, ModelInputTransform
 
     records = [{"image_id": i, "path": i, "label": 0, "split": "train"} for i in image_ids]
     dataset = Dataset("grey", records, ["grey"], lambda record: Image.new("RGB", size, (128, 128, 128)))
-    source = _ImageViews(dataset, ModelInputTransform(data_config), ("clean", "noise"), 0.2)
-    return [source[k][1] for k in range(len(records))]
+    transform = ModelInputTransform(data_config)
+    batch = collate_images([_ImageViews(dataset, transform, ("clean", "noise"), 0.2)[k] for k in range(len(records))])
+    normalize = BatchNormalizer(transform.mean, transform.std)
+    return list(torch.stack([view_inputs(batch, v, normalize) for v in ("clean", "noise")], dim=1))
 
 
 GREY_CONFIGS = [  # ImageNet's normalisation, timm's 0.5/0.5 (tf_ models), and an odd one

@@ -140,21 +140,6 @@ def test_readers(tmp_path, layout, fingerprint):
     assert tuple(torch_batch["tokens"].shape) == (3, 6, D)
 
 
-def test_iter_batches_holds_a_bounded_number_of_shards(tmp_path, layout, fingerprint, monkeypatch):
-    store = full_store(tmp_path / "s.zarr", layout, fingerprint)
-    reads = []
-    original = FeatureStore.read
-
-    def counting_read(self, name, start, stop, view="clean"):
-        reads.append((start, stop))
-        return original(self, name, start, stop, view)
-
-    monkeypatch.setattr(FeatureStore, "read", counting_read)
-    for _ in store.iter_batches(None, batch_size=100, fields=("tokens",), shards_in_memory=1):
-        pass
-    assert reads == [(0, 8), (8, 16), (16, 21)]  # one whole shard per read, each once
-
-
 def test_views_live_beside_clean(tmp_path, fingerprint):
     layout = StoreLayout(num_images=10, grid=GRID, dim=D, num_logits=0, shard_size=8, chunk_size=4,
                          views=("clean", "noise"))

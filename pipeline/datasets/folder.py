@@ -14,6 +14,8 @@ from ._common import IMAGE_EXTENSIONS, check_options, image_files, load_image, r
 from ._registry import Dataset, register_dataset
 
 FOLDER_SPLITS = ("train", "val", "test")
+UNLABELED = "unlabeled"
+"""The one class of a folder of loose images (no class folders): e.g. images to explain the backbone on."""
 
 
 @dataclass
@@ -35,7 +37,10 @@ def build_folder(root: Path | None = None, **options: Any) -> Dataset:
     (the split is the folder's name), or ``root/<class>/...``, split per class by a seeded
     stratified rule (options ``test_fraction``, default 0.2, and ``split_seed``, default 0).
     Images may sit in subfolders of a class folder; extensions are matched case-insensitively.
-    Labels follow the sorted class folder names.
+    Labels follow the sorted class folder names. A folder holding only loose images (no class
+    folders) is unlabeled: one class "unlabeled" (label 0), split train/test by the same seeded
+    rule, e.g. images on which to explain the backbone itself (fit-head infodisent
+    --set target=backbone).
     """
     check_options("folder", options, FolderOptions.__dataclass_fields__)
     base = require_root(root, "folder", "a folder of class folders, or of train/val/test folders of "
@@ -43,6 +48,7 @@ def build_folder(root: Path | None = None, **options: Any) -> Dataset:
     folders = subdirs(base)
     split_dirs = [d for d in folders if d.lower() in FOLDER_SPLITS]
     listing: list[tuple[str | None, str, Path]] = []  # split, class, file
+    unlabeled = False
     if split_dirs:
         if options:
             raise ProtocacheError(f"{base} has split folders ({', '.join(split_dirs)}): options "
@@ -57,6 +63,9 @@ def build_folder(root: Path | None = None, **options: Any) -> Dataset:
     else:
         for name in folders:
             listing.extend((None, name, f) for f in image_files(base / name, recursive=True))
+        unlabeled = not listing
+        if unlabeled:  # loose images only: an unlabeled folder
+            listing.extend((None, UNLABELED, f) for f in image_files(base))
     if not listing:
         loose = len(image_files(base))
         hint = f" ({loose} images lie directly in it: move them into one folder per class)" if loose else ""
@@ -69,7 +78,8 @@ def build_folder(root: Path | None = None, **options: Any) -> Dataset:
                                    item[2].relative_to(base).as_posix()))
     labels = np.array([index[name] for _, name, _ in listing], dtype=np.int64)
 
-    dataset_options: dict[str, Any] = {"layout": "split folders" if split_dirs else "class folders"}
+    layout = "split folders" if split_dirs else ("unlabeled" if unlabeled else "class folders")
+    dataset_options: dict[str, Any] = {"layout": layout}
     if split_dirs:
         splits = [split for split, _, _ in listing]
     else:

@@ -28,7 +28,9 @@ centres on the token boxes' centres (PIL's convention, the same as ``align_corne
 Modules: ``config`` (ExplainConfig, ExplainResult), ``images`` (the image source),
 ``drawing`` (colour maps, overlay, boxes, colour scales), ``evidence`` (predictions,
 choice of images, training scan, used prototypes), ``report`` (orchestration and the
-folder) and ``report.html.j2`` (the page, rendered with autoescape).
+folder) and ``report.html.j2`` (the page, rendered with autoescape). ``predict_page`` draws
+``predict --explain``'s page of new images with the same pieces (``predict.html.j2``); both
+pages extend ``base.html.j2`` and draw with ``macros.html.j2``.
 """
 
 from __future__ import annotations

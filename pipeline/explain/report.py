@@ -76,7 +76,7 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
     num_classes = int(head.num_classes)
     class_names += [str(c) for c in range(len(class_names), num_classes)]
     signed = bool(head.signed_evidence)
-    pictures = _Pictures(store, ImageSource(store, cfg.root), out, signed, cfg)
+    pictures = Pictures(store, ImageSource(store, cfg.root), out, signed, cfg)
     weights = head.class_weights().float().cpu().numpy()  # [C, P]
 
     # ---- predictions on the explained split, the choice of images, their evidence
@@ -104,7 +104,7 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
     purity = _gallery_purity(store, top, used, mconf)
 
     # ---- report data and page
-    meta = _meta_reader(store)
+    meta = meta_reader(store)
     for patches in patch_info.values():
         for patch in patches:
             patch.update(meta(patch["row"]))
@@ -147,7 +147,7 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
                          wrong=len(explained) - n_right, png_files=pictures.count, seconds=0.0)
 
 
-class _Pictures:
+class Pictures:
     """Writes the report's PNG files: raw and overlaid patches, input views and their overlays."""
 
     def __init__(self, store: FeatureStore, images: ImageSource, out: Path, signed: bool, cfg: ExplainConfig):
@@ -202,23 +202,27 @@ class _Pictures:
         return {p: [info[(p, r)] for r in range(top.rows.shape[1])] for p in prototypes}
 
     def explained(self, explained: list[dict[str, Any]]) -> None:
-        """Each explained image: the plain view, and one overlay (peak box, negative box) per shown prototype."""
+        """Each explained store image: its view and evidence drawn by `evidence`."""
         for item in explained:
-            view = self.images.view(item["row"])
-            item["view_png"] = self._save(view, f"{IMAGE_DIR}/image-{item['row']:07d}.png")
-            drawn: dict[int, tuple[str, dict[str, Any]]] = {}
-            for block in item["blocks"]:
-                for entry in block["prototypes"]:
-                    p = entry["prototype"]
-                    if p not in drawn:
-                        img, scale = overlay(view, entry["map"], signed=self.signed)
-                        if entry["negative_peak_cell"] is not None:
-                            img = draw_box(img, self.token_boxes[entry["negative_peak_cell"]], NEGATIVE_BOX)
-                        img = draw_box(img, self.token_boxes[entry["peak_cell"]], POSITIVE_BOX)
-                        name = self._save(img, f"{IMAGE_DIR}/image-{item['row']:07d}-proto-{p:05d}.png")
-                        drawn[p] = (name, scale)
-                    entry["overlay_png"], entry["scale"] = drawn[p]
-                    entry.pop("map")
+            self.evidence(self.images.view(item["row"]), item, f"{IMAGE_DIR}/image-{item['row']:07d}")
+
+    def evidence(self, view, item: dict[str, Any], stem: str) -> None:
+        """One explained image (its model-input view; `item` as explain_images gives it): the plain view as
+        `item["view_png"]`, and one overlay (peak box, negative box) per shown prototype as the entry's
+        `overlay_png` and `scale` (its map is dropped once drawn). Also draws predict --explain's new images."""
+        item["view_png"] = self._save(view, f"{stem}.png")
+        drawn: dict[int, tuple[str, dict[str, Any]]] = {}
+        for block in item["blocks"]:
+            for entry in block["prototypes"]:
+                p = entry["prototype"]
+                if p not in drawn:
+                    img, scale = overlay(view, entry["map"], signed=self.signed)
+                    if entry["negative_peak_cell"] is not None:
+                        img = draw_box(img, self.token_boxes[entry["negative_peak_cell"]], NEGATIVE_BOX)
+                    img = draw_box(img, self.token_boxes[entry["peak_cell"]], POSITIVE_BOX)
+                    drawn[p] = (self._save(img, f"{stem}-proto-{p:05d}.png"), scale)
+                entry["overlay_png"], entry["scale"] = drawn[p]
+                entry.pop("map")
 
 
 def purity_box(centre: np.ndarray, patch: float, input_hw: tuple[int, int]) -> list[float]:
@@ -276,7 +280,8 @@ def land(staging: Path, out: Path) -> None:
     replace_dir(staging, out)
 
 
-def _meta_reader(store: FeatureStore):
+def meta_reader(store: FeatureStore):
+    """row -> its image_id, path and class_name from the store's metadata (as strings), for captions."""
     table = store.metadata()
     cols = {k: table.column(k).to_pylist() for k in ("image_id", "path", "class_name") if k in table.column_names}
     return lambda row: {k: str(v[row]) for k, v in cols.items()}
@@ -306,10 +311,15 @@ def _environment():
     return env
 
 
+def render_page(template: str, **context: Any) -> str:
+    """A page of the base.html.j2 family (report.html.j2, predict.html.j2) with the colour bars' gradients;
+    the environment escapes every value that comes from the data."""
+    gradients = {"seq": css_gradient(False), "div": css_gradient(True)}
+    return _environment().get_template(template).render(gradients=gradients, **context)
+
+
 def render_html(report: dict[str, Any], class_names: Sequence[str], patch_info: dict[int, list[dict[str, Any]]],
                 lazy: bool = False) -> str:
     """The report page, from the template; the environment escapes every value that comes from the data."""
-    template = _environment().get_template(TEMPLATE)
-    return template.render(s=report["summary"], gallery=report["gallery"], images=report["images"],
-                           class_names=list(class_names), patch_info=patch_info, lazy=lazy,
-                           gradients={"seq": css_gradient(False), "div": css_gradient(True)})
+    return render_page(TEMPLATE, s=report["summary"], gallery=report["gallery"], images=report["images"],
+                       class_names=list(class_names), patch_info=patch_info, lazy=lazy)

@@ -40,6 +40,38 @@ The recipe (``fit_infodisent``)
 last-layer epochs on the hard-pooled raw channels: the +-max-pooled channel probe the
 rotation is judged against.
 
+Explaining the pretrained network itself (``target=backbone``)
+-------------------------------------------------------------
+The paper frames InfoDisent as an explanation of a pretrained classifier: the head is
+built on the backbone's features and reproduces that network's own decisions. We could
+not find its reference code or its initialisation (no public repository under gmum or
+elsewhere in what we could search), so the following is our design. With
+``target=backbone`` the classes are the backbone classifier's (ImageNet's 1,000 for
+tf_efficientnet_lite0's shipped weights; names from timm's ImageNetInfo), the label of
+an image is the backbone's top-1 (pipeline/sources.py ``with_backbone_labels``), and
+any folder of unlabeled images will do.
+
+- Init (``init_from_backbone``): U = I, and W from the backbone's final linear layer
+  (W_b, rebuilt on the CPU from the store's fingerprint, its SHA-256 checked). Two facts
+  make the head start at that classifier: (1) the backbone reads the mean token m, the
+  head the +-max-pooled channels v, so each channel d is rescaled by r_d, the least-squares
+  fit of m_d by v_d on the train images (r_d = sum m_d v_d / sum v_d^2); (2) W must be
+  non-negative and W_b is not (54 % of lite0's entries are negative), but subtracting from
+  column d its minimum over the classes adds the same amount to every class's logit,
+  which the softmax and the top-1 ignore: W = r * W_b - min_c (r * W_b). So the initial
+  head is the backbone's classifier applied to r * v instead of m, without its bias
+  (which moves lite0's top-1 on a few percent of images). With mean pooling this
+  reproduces the backbone exactly; with InfoDisent's max pooling it agrees on about
+  70 % of images before training (``backbone_agreement_at_init``).
+- Loss: KL(p_backbone || p_head) between the softmax of the backbone's cached logits and
+  the head's (distillation at temperature 1), instead of cross-entropy to the backbone's
+  top-1: the full distribution carries the backbone's ranking of all 1,000 classes, which
+  is what a few unlabeled images can teach, and it does not push the head to be surer
+  than the backbone on ambiguous images. The phases are those of the recipe above.
+- Metrics: accuracy on a split is agreement with the backbone's top-1 there;
+  ``backbone_agreement`` (test split, held out) and ``backbone_agreement_val`` are written
+  by fit.py for any run whose labels are the backbone's.
+
 What the rotation learned is in metrics.json: ``rotation_distance_from_identity``
 (||U - I||_F; about sqrt(2 D) for a random rotation) and
 ``identity_rotation_test_accuracy`` / ``identity_rotation_val_accuracy``: the accuracy
@@ -102,6 +134,15 @@ class InfoDisentConfig:
     prototypes_per_class: int = 10
     """Channels a class counts as its prototypes in the metrics and the report: its k largest
     positive weights (0: every channel with a positive weight)."""
+    target: str = "labels"
+    """labels: the dataset's classes, cross-entropy to the store's labels. backbone: explain the pretrained
+    network itself: its classifier's classes (ImageNet's 1,000 for the shipped weights), W initialised from its
+    final linear layer, trained to reproduce its cached logits (KL distillation), no labels needed; the store
+    must hold logits."""
+    backbone_weights: str = "fingerprint"
+    """target=backbone: where the backbone's classifier comes from: fingerprint (rebuilt from the store's
+    fingerprint: shipped, hub or random weights), or the checkpoint PATH where the store was extracted from a
+    local file, whose path the store does not record."""
 
 
 class _ExpAtZero(torch.autograd.Function):
@@ -159,6 +200,11 @@ class InfoDisent(Head):
             raise ProtocacheError("infodisent: gumbel_tau must be > 0")
         if config.rotation_lr <= 0:
             raise ProtocacheError("infodisent: rotation_lr must be > 0 (train_rotation=false keeps U = I)")
+        if config.target not in ("labels", "backbone"):
+            raise ProtocacheError(f"infodisent: target must be 'labels' or 'backbone', not {config.target!r}")
+        if config.target == "backbone" and (not info.num_logits or info.num_classes != info.num_logits):
+            raise ProtocacheError("infodisent: target=backbone needs a store with the backbone's logits, its classes "
+                                  "the backbone's (`protocache fit-head infodisent --set target=backbone`)")
 
     @property
     def prototype_count(self) -> int:
@@ -248,13 +294,17 @@ class InfoDisent(Head):
 
 
 def fit_infodisent(head: InfoDisent, ctx: "FitContext") -> None:
-    """CE only: warm-up of W on U = I, joint epochs of W and the rotation (Gumbel-softmax
-    pooling, A folded into U after every step), last layer on the learned rotation's
-    hard-max channels (see the module docstring)."""
+    """CE only (target=backbone: KL to the backbone's logits, W from its classifier): warm-up of W
+    on U = I, joint epochs of W and the rotation (Gumbel-softmax pooling, A folded into U after
+    every step), last layer on the learned rotation's hard-max channels (see the module docstring)."""
     cfg = head.config
-    train = ctx.split("train", ("tokens", "label"))
+    distill = cfg.target == "backbone"
+    train = ctx.split("train", ("tokens", "logits", "label") if distill else ("tokens", "label"))
     head.token_rms = token_rms(train, ctx)
     ctx.extra["token_rms"] = head.token_rms
+    loss_of = distillation_loss if distill else (lambda logits, b: F.cross_entropy(logits, b["label"]))
+    if distill:
+        init_from_backbone(head, train, ctx)
 
     def fit_last_layer(stage: str, epochs: int) -> None:
         """W alone on the hard-pooled channels of the current rotation, cached per image."""
@@ -264,13 +314,14 @@ def fit_infodisent(head: InfoDisent, ctx: "FitContext") -> None:
         @torch.no_grad()
         def pooled(b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             x = torch.from_numpy(b["tokens"]).float().to(ctx.device)
-            return {"channels": head.eval().presence(x).cpu().numpy(), "label": b["label"]}
+            kept = {k: b[k] for k in ("label", "logits") if k in b}
+            return {"channels": head.eval().presence(x).cpu().numpy(), **kept}
 
         channels = ctx.derive(train, pooled)
         head.train()
         opt = torch.optim.Adam([head.weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
         ctx.train(stage, channels, opt, epochs, cfg.batch_size,
-                  lambda b, _: F.cross_entropy(b["channels"] @ head.class_weights().T, b["label"]))
+                  lambda b, _: loss_of(b["channels"] @ head.class_weights().T, b))
 
     if not cfg.train_rotation:
         fit_last_layer("last layer, U = I", cfg.warmup_epochs + cfg.epochs + cfg.last_layer_epochs)
@@ -280,10 +331,51 @@ def fit_infodisent(head: InfoDisent, ctx: "FitContext") -> None:
                     _FrameAdam([head.skew], lr=cfg.rotation_lr))
         head.train()
         ctx.train("rotation", train, opt, cfg.epochs, cfg.batch_size,
-                  lambda b, _: F.cross_entropy(head(b["tokens"]), b["label"]), after_step=head.retract)
+                  lambda b, _: loss_of(head(b["tokens"]), b), after_step=head.retract)
         fit_last_layer("last layer", cfg.last_layer_epochs)
     head.eval()
     record_rotation(head, ctx)
+
+
+def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """KL(p_backbone || p_head) per image, batch mean: softmax of the cached backbone logits vs the head's."""
+    return F.kl_div(F.log_softmax(logits, dim=1), F.log_softmax(batch["logits"], dim=1), log_target=True,
+                    reduction="batchmean")
+
+
+@torch.no_grad()
+def init_from_backbone(head: InfoDisent, source, ctx: "FitContext") -> None:
+    """U = I and W = r * W_b - min over classes of (r * W_b): the backbone's classifier read on the
+    +-max-pooled channels, each rescaled by r_d = sum m_d v_d / sum v_d^2 (m: mean token, the
+    classifier's input) on the train images (see the module docstring)."""
+    from ..backbones import backbone_classifier
+
+    weights = head.config.backbone_weights
+    classifier = backbone_classifier(ctx.store.fingerprint, None if weights == "fingerprint" else weights)
+    if classifier is None or tuple(classifier[0].shape) != (head.num_classes, head.info.dim):
+        ctx.log("init: the backbone's classifier is not one linear layer over the tokens; W keeps its default init")
+        ctx.extra["init"] = "default (the backbone's classifier is not a linear layer over the tokens)"
+        return
+    weight = classifier[0].to(ctx.device, torch.float64)
+    cross = torch.zeros(head.info.dim, device=ctx.device, dtype=torch.float64)
+    square = torch.zeros_like(cross)
+    head.eval()
+    for b in source.batches(256, shuffle=False):
+        x = torch.from_numpy(b["tokens"]).to(ctx.device, torch.float32)
+        pos, neg = head._pool(x)  # U = I here: the raw channels, hard max
+        v, m = (pos - neg).double(), x.double().mean(1)
+        cross += (v * m).sum(0)
+        square += v.square().sum(0)
+    scale = torch.where(square > 0, cross / square.clamp(min=1e-30), torch.zeros_like(square))
+    w = weight * scale[None, :]
+    head.weight.copy_((w - w.amin(dim=0, keepdim=True)).to(head.weight))  # shift per column: same for every class
+    ctx.extra["init"] = "backbone classifier"
+    ctx.extra["backbone_agreement_at_init_val"] = ctx.val_accuracy(head)
+    ctx.extra["backbone_agreement_at_init"] = ctx.accuracy(head, ctx.split("test", ("tokens", "label")))
+    ctx.log(f"init: W from the backbone's classifier; agreement with its top-1 before training "
+            f"{ctx.extra['backbone_agreement_at_init']:.4f} (test), "
+            f"{ctx.val_text(ctx.extra['backbone_agreement_at_init_val'])}")
+    head.train()
 
 
 @torch.no_grad()

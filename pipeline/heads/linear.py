@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from protocache.stores.errors import ProtocacheError
 
+from ..stacked import Stack, StackedStep, headwise_bmm, per_head_cross_entropy
 from ._registry import register_head
 from .base import Head, StoreInfo, auto_batch_size, grid_map, scaled_epochs
 
@@ -130,8 +130,14 @@ class LinearProbe(Head):
             self.feature_mean.copy_(torch.from_numpy(mean).float())
             self.feature_scale.copy_(torch.from_numpy(scale).float())
         opt = torch.optim.AdamW(self.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ctx.train(stage, train, opt, cfg.epochs, cfg.batch_size,
-                  lambda b, _: F.cross_entropy(self.forward_features(b["pooled"]), b["label"]))
+        ctx.train(stage, train, opt, cfg.epochs, cfg.batch_size, StackedStep(probe_losses, self))
+
+
+def probe_losses(stack: Stack, b: dict[str, torch.Tensor], _: float) -> torch.Tensor:
+    """[N] cross-entropy of each stacked probe (`forward_features`: standardise, then affine) on the pooled features."""
+    z = (b["pooled"] - stack["feature_mean"][:, None]) / stack["feature_scale"][:, None]  # [N, B, D]
+    logits = headwise_bmm(z, stack["linear.weight"].transpose(1, 2)) + stack["linear.bias"][:, None]
+    return per_head_cross_entropy(logits, b["label"])
 
 
 def pooled_source(ctx: "FitContext", split: str, source_kind: str) -> "Batches":

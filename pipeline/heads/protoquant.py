@@ -23,6 +23,7 @@ from torch import nn
 from protocache.stores.errors import ProtocacheError
 
 from .. import codebook as cb
+from ..stacked import Stack, StackedStep, headwise_bmm, per_head_cross_entropy
 from ._registry import create_head, register_head
 from .base import Head, StoreInfo, auto_batch_size, grid_map, scaled_epochs
 from .linear import pooled_source
@@ -391,16 +392,9 @@ def train_protoquant_head(head: ProtoQuant, ctx: "FitContext", epochs: int, stag
         opt = torch.optim.AdamW([{"params": [head.weight], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
                                  {"params": [codes], "lr": cfg.codes_lr, "weight_decay": 0.0}])
 
-        def step(b: dict[str, torch.Tensor], _: float) -> torch.Tensor:
-            x = b["tokens"]
-            s = head.cosine(x)
-            p = torch.softmax(s / cfg.tau, dim=-1).amax(dim=1)
-            w = head.class_weights()
-            loss = F.cross_entropy(p @ w.T, b["label"]) + cfg.l1 * w.sum()
-            if cfg.codebook_weight:  # keeps the codes on the tokens they stand for (no drift)
-                loss = loss + cfg.codebook_weight * F.mse_loss(codes[s.detach().argmax(-1)], x)
-            return loss
-
+        step = StackedStep(protoquant_losses, head,
+                           {"tau": cfg.tau, "l1": cfg.l1, "codebook_weight": cfg.codebook_weight},
+                           {"commitment": bool(cfg.codebook_weight)})
         ctx.train(stage, ctx.split("train", ("tokens", "label")), opt, epochs, cfg.batch_size, step)
         return
 
@@ -417,6 +411,24 @@ def train_protoquant_head(head: ProtoQuant, ctx: "FitContext", epochs: int, stag
         return F.cross_entropy(b["presence"] @ w.T, b["label"]) + cfg.l1 * w.sum()
 
     ctx.train(stage, source, opt, epochs, cfg.batch_size, step_frozen)
+
+
+def protoquant_losses(stack: Stack, b: dict[str, torch.Tensor], _: float) -> torch.Tensor:
+    """Stage 2 with trained codes, for a stack of N heads: CE of presence . (ReLU(W) * mask)^T, plus
+    L1 on the class weights, plus the commitment term that keeps each code on the tokens it stands for."""
+    x, codes = b["tokens"], stack["codes"]  # [B, T, D], [N, K, D]
+    n, k, d = codes.shape
+    xn = F.normalize(x, dim=-1, eps=1e-6).reshape(1, -1, d).expand(n, -1, -1)
+    s = headwise_bmm(xn, F.normalize(codes, dim=-1, eps=1e-6).transpose(1, 2)).view(n, *x.shape[:2], k)  # cosines
+    p = torch.softmax(s / stack.hyper("tau", 4), dim=-1).amax(dim=2)  # [N, B, K] presence
+    w = F.relu(stack["weight"]) * stack["weight_mask"]  # [N, C, K] class weights
+    loss = per_head_cross_entropy(headwise_bmm(p, w.transpose(1, 2)), b["label"]) + stack.hyper("l1") * w.sum((1, 2))
+    if stack.options["commitment"]:
+        nearest = s.detach().argmax(-1) + k * torch.arange(n, device=x.device).view(n, 1, 1)  # [N, B, T]
+        nearest_codes = codes.reshape(n * k, d)[nearest]  # [N, B, T, D]
+        drift = F.mse_loss(nearest_codes, x.expand_as(nearest_codes), reduction="none").mean((1, 2, 3))
+        loss = loss + stack.hyper("codebook_weight") * drift
+    return loss
 
 
 def fit_protoquant(head: ProtoQuant, ctx: "FitContext") -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .bench_stages import Ratio
+from .extract_loop import _default_workers
 
 # The loop a user would write for "timm backbone -> tokens on disk": timm's model and eval transform, a
 # torch DataLoader over the images, forward_features, np.save. Arguments: model name, weights file,
@@ -58,6 +59,58 @@ with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=devi
         tokens.append(model.forward_features(images.to(device)).half().cpu().numpy())
 np.save(out, np.concatenate(tokens))
 '''
+
+
+def bench_extraction(num_images: int = 512, batch_size: int = 32, backbone_name: str | None = None,
+                     rounds: int = 3) -> Ratio:
+    """Extraction time over bare forward time on the same images in the same batches (target <= 1.10 on a CPU).
+
+    Bare: `Backbone.forward` on images decoded, resized and normalised beforehand, the tokens copied to the host
+    in float16. Extraction: `extract_shards` does everything extract does per image (decode workers, batched
+    normalisation, forward, float16 shard buffers, the background write with the default compression and
+    checksums, the Parquet part) into a store in the default layout, whose last shard's write is not overlapped.
+    `rounds` alternating pairs; the ratio of each side's fastest run (the one least disturbed by other load).
+    """
+    from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
+    from .datasets import create_dataset
+    from .extract import ExtractConfig, extract_shards, prepare_store
+
+    name = backbone_name or DEFAULT_BACKBONE
+    backbone = Backbone(BackboneConfig(name, weights="auto" if name == DEFAULT_BACKBONE else "random"))
+    dataset = create_dataset("digits").limit(num_images)
+    transform = backbone.transform()
+    images = torch.stack([transform(dataset.load_image(i).convert("RGB")) for i in range(len(dataset))])
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for b in range(0, num_images, batch_size):
+            tokens, pooled, logits = backbone.forward(images[b:b + batch_size])
+            tokens.half().cpu().numpy()  # (the copy to the host is part of the bare cost)
+        return time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def extraction() -> tuple[float, dict]:
+            cfg = ExtractConfig(dataset="digits", backbone=name, limit=num_images, batch_size=batch_size,
+                                out=str(Path(tmp) / "s.zarr"), progress=False, overwrite=True,
+                                weights=backbone.config.weights)
+            store, ds, bb = prepare_store(cfg, dataset=dataset, backbone=backbone)
+            t0 = time.perf_counter()
+            extract_shards(store, ds, bb, store.missing_shards(), cfg)
+            return time.perf_counter() - t0, {"shards": store.layout.num_shards,
+                                               "compression": store.layout.compression}
+
+        bare(), extraction()  # warm-up: first-call allocations and kernel selection
+        runs = [(bare(), *extraction()) for _ in range(rounds)]  # interleaved: the same load on both
+    timings = [(b, e) for b, e, _ in runs]
+    bare_s, extract_s = min(t[0] for t in timings), min(t[1] for t in timings)
+    limit = 1.05 if backbone.device.type == "cuda" else 1.10
+    ratio = extract_s / bare_s
+    return Ratio("extraction / bare forward (time)", ratio, f"<= {limit}", ratio <= limit,
+                 {"images": num_images, "backbone": name, "bare_images_per_s": num_images / bare_s,
+                  "extract_images_per_s": num_images / extract_s, "device": str(backbone.device),
+                  "precision": backbone.precision, "decode_workers": _default_workers(backbone.device),
+                  "torch_threads": torch.get_num_threads(), **runs[0][2],
+                  "rounds": [{"bare_s": b, "extract_s": e} for b, e in timings]})
 
 
 def naive_workers() -> int:

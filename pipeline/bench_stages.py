@@ -59,45 +59,6 @@ def _best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def bench_extraction(num_images: int = 128, batch_size: int = 32, backbone_name: str | None = None,
-                     repeats: int = 1) -> Ratio:
-    """Extraction wall time over bare forward time on the same images, pre-decoded, same batches."""
-    from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
-    from .datasets import create_dataset
-    from .extract import ExtractConfig, extract_shards, prepare_store
-
-    name = backbone_name or DEFAULT_BACKBONE
-    backbone = Backbone(BackboneConfig(name, weights="auto" if name == DEFAULT_BACKBONE else "random"))
-    dataset = create_dataset("digits").limit(num_images)
-    transform = backbone.transform()
-    images = torch.stack([transform(dataset.load_image(i).convert("RGB")) for i in range(len(dataset))])
-
-    def bare():
-        for b in range(0, num_images, batch_size):
-            tokens, pooled, logits = backbone.forward(images[b:b + batch_size])
-            tokens.half().cpu().numpy()  # (the copy to the host is part of the bare cost)
-
-    bare()  # warm-up: first-call allocations and kernel selection
-    bare_s = _best_of(bare, repeats)
-    with tempfile.TemporaryDirectory() as tmp:
-        def end_to_end():
-            cfg = ExtractConfig(dataset="digits", backbone=name, limit=num_images, batch_size=batch_size,
-                                shard_size=num_images // 8 * 8 or 8, out=str(Path(tmp) / "s.zarr"), progress=False,
-                                overwrite=True, weights=backbone.config.weights)
-            store, ds, bb = prepare_store(cfg, dataset=dataset, backbone=backbone)
-            t0 = time.perf_counter()
-            extract_shards(store, ds, bb, store.missing_shards(), cfg)
-            return time.perf_counter() - t0
-
-        e2e_s = min(end_to_end() for _ in range(repeats))
-    gpu = backbone.device.type == "cuda"
-    limit = 1.05 if gpu else 1.15
-    ratio = e2e_s / bare_s
-    return Ratio("extraction / bare forward (time)", ratio, f"<= {limit}", ratio <= limit,
-                 {"images": num_images, "backbone": name, "bare_images_per_s": num_images / bare_s,
-                  "extract_images_per_s": num_images / e2e_s, "device": str(backbone.device)})
-
-
 def _synthetic_store(path: Path, data: np.ndarray, shard_size: int, compression: str = "none"):
     """A store of `data` [N, T, D] float16 (every shard written, unless compression is none: then
     the caller writes them, timing the first) and its metadata rows."""
@@ -385,7 +346,6 @@ def _random_store(path: Path, num_images: int, tokens: int = 49, dim: int = 256,
 
 def bench_fit_memory(base_images: int = 1024, head: str = "infodisent", epochs: int = 1) -> Ratio:
     """Peak RSS of `protocache fit-head` on a store 4x the size over the 1x store (flat = 1)."""
-    import resource
     import subprocess
     import sys
 
@@ -412,12 +372,14 @@ def _bench_ablation(**kwargs) -> list[Ratio]:
 
 def run_all(quick: bool = False) -> dict[str, Any]:
     """Every stage ratio, measured side by side on this machine. quick: smaller inputs (< 10 min on 2 CPU cores)."""
+    from .bench_extract import bench_extract_vs_naive, bench_extraction
     from .bench_predict import bench_predict
 
     started = time.perf_counter()
     ratios: list[Ratio] = []
     steps = [
-        ("extraction", lambda: [bench_extraction(num_images=64 if quick else 256)]),
+        ("extraction", lambda: [bench_extraction(num_images=512 if quick else 1024)]),  # bench_extract.py
+        ("extract process", lambda: [bench_extract_vs_naive(pairs=3)]),  # the whole digits set, both runs
         ("store", lambda: bench_store_io(num_images=1024 if quick else 4096)),
         ("compression", lambda: [bench_compression(num_images=64 if quick else 256)]),
         ("kmeans", lambda: [bench_kmeans(num_points=10_000 if quick else 50_000)]),

@@ -71,7 +71,8 @@ class ExtractConfig:
     on_bad_image: str = "error"
     """error (stop with the path) | skip (record ok=false)."""
     num_workers: int | None = None
-    """Decode worker processes (default: cores - 1, at most 4)."""
+    """Decode worker processes (default: none with the forward on a CPU, where each batch is decoded between
+    forward passes on as many threads as the forward has; cores - 1, at most 16, on CUDA)."""
     threads: int | None = None
     """Torch threads; pin for byte-identical re-runs."""
     compression: str = "auto"

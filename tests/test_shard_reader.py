@@ -233,3 +233,31 @@ def test_stopping_early_ends_the_prefetch_thread(tmp_path):
     while producers() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert producers() == []
+
+
+def test_read_ahead_brings_a_whole_cold_file_into_the_page_cache(tmp_path):
+    """One WILLNEED call reads ahead only one readahead step (Linux clamps it): a cold shard of many
+    steps must be read ahead step by step, so it streams at the disk's rate."""
+    import os
+
+    from protocache.pipeline.bench_disk import drop_page_cache, resident_fraction
+    from protocache.stores.shard_reader import _readahead_step, read_ahead
+
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise on this platform")
+    path = tmp_path / "shard"
+    step = _readahead_step(os.stat(tmp_path).st_dev)
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, 3 * step + 4096, dtype=np.uint8).tobytes())
+    drop_page_cache([str(path)])
+    if (resident_fraction([str(path)]) or 0) > 0.01:
+        pytest.skip("the page cache cannot be dropped here (tmpfs?)")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_ahead(fd, 0, os.fstat(fd).st_size)
+        deadline = time.monotonic() + 10
+        while resident_fraction([str(path)]) < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert resident_fraction([str(path)]) == 1.0
+        read_ahead(fd, 0, os.fstat(fd).st_size)  # a cached file: nothing left to ask for, no error
+    finally:
+        os.close(fd)

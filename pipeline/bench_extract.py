@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .bench_stages import Ratio
-from .extract_loop import _default_workers
+from .extract_loop import decode_plan
 
 # The loop a user would write for "timm backbone -> tokens on disk": timm's model and eval transform, a
 # torch DataLoader over the images, forward_features, np.save. Arguments: model name, weights file,
@@ -66,7 +66,7 @@ def bench_extraction(num_images: int = 512, batch_size: int = 32, backbone_name:
     """Extraction time over bare forward time on the same images in the same batches (target <= 1.10 on a CPU).
 
     Bare: `Backbone.forward` on images decoded, resized and normalised beforehand, the tokens copied to the host
-    in float16. Extraction: `extract_shards` does everything extract does per image (decode workers, batched
+    in float16. Extraction: `extract_shards` does everything extract does per image (decoding, batched
     normalisation, forward, float16 shard buffers, the background write with the default compression and
     checksums, the Parquet part) into a store in the default layout, whose last shard's write is not overlapped.
     `rounds` alternating pairs; the ratio of each side's fastest run (the one least disturbed by other load).
@@ -108,7 +108,7 @@ def bench_extraction(num_images: int = 512, batch_size: int = 32, backbone_name:
     return Ratio("extraction / bare forward (time)", ratio, f"<= {limit}", ratio <= limit,
                  {"images": num_images, "backbone": name, "bare_images_per_s": num_images / bare_s,
                   "extract_images_per_s": num_images / extract_s, "device": str(backbone.device),
-                  "precision": backbone.precision, "decode_workers": _default_workers(backbone.device),
+                  "precision": backbone.precision, "decode": "{} x{}".format(*decode_plan(None, backbone.device)),
                   "torch_threads": torch.get_num_threads(), **runs[0][2],
                   "rounds": [{"bare_s": b, "extract_s": e} for b, e in timings]})
 

@@ -61,12 +61,25 @@ def test_batched_normalisation_is_bit_identical_to_the_per_image_transform(data_
     assert batch["ok"].all() and batch["extras"][0] == {"width": 53, "height": 37}
 
 
-def test_store_tokens_are_the_forward_of_the_per_image_inputs(tmp_path):
-    """Every view of a two-shard extraction (decode worker, batched normalisation, float16 buffers reused
-    across shards) holds, bit for bit, the float16 outputs of a forward pass over the per-image transform's
-    inputs in the same batches."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batched_normalisation_on_cuda_equals_the_cpu_bit_for_bit():
+    """On CUDA a division by a CPU scalar is a multiplication by its reciprocal; the normaliser divides by
+    device tensors, so the GPU gets the values of the CPU transform."""
+    pixels = torch.randint(0, 256, (4, 48, 80, 3), dtype=torch.uint8)
+    config = CONFIGS[1]
+    cpu = BatchNormalizer(config["mean"], config["std"], "cpu", True)(pixels)
+    gpu = BatchNormalizer(config["mean"], config["std"], "cuda", True)(pixels.pin_memory())
+    assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("num_workers, threads", [(None, 2), (1, 1)])  # decoded by threads between forwards; a worker
+def test_store_tokens_are_the_forward_of_the_per_image_inputs(tmp_path, num_workers, threads):
+    """Every view of a three-shard extraction (batched normalisation, float16 buffers reused across shards)
+    holds, bit for bit, the float16 outputs of a forward pass over the per-image transform's inputs in the
+    same batches."""
     views = ("clean", "hflip", "noise")
-    cfg = tiny_config(tmp_path, limit=24, shard_size=8, batch_size=8, views=views, precision="fp32", num_workers=1)
+    cfg = tiny_config(tmp_path, limit=24, shard_size=8, batch_size=8, views=views, precision="fp32",
+                      num_workers=num_workers, threads=threads)
     run_extract(cfg)
     store = FeatureStore.open(tmp_path / "s.zarr")
     backbone = Backbone(BackboneConfig("test_efficientnet", "random", precision="fp32"))

@@ -15,6 +15,9 @@ from .app import app, echo_json, option
 @app.command()
 def bench(as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
           quick: bool = typer.Option(False, "--quick", help="Smaller inputs: minutes on a 2-core CPU."),
+          only: Optional[str] = typer.Option(
+              None, "--only", help="Run only these parts, comma-separated: extraction, extract-process, store, "
+                                   "compression, kmeans, cache, ablation, memory, predict."),
           scale: Optional[int] = typer.Option(
               None, "--scale", help="Instead: the scale benchmark, a store of N images of drawn tokens streamed cold "
                                     "(images/s, MB/s against the disk's own rate, peak RSS, bytes on disk)."),
@@ -27,6 +30,8 @@ def bench(as_json: bool = typer.Option(False, "--json", help="Print the full rep
     scale_options = {"tokens": tokens, "compression": compression, "batch_size": batch_size, "head": head, "dir": dir}
     given = {k: v for k, v in scale_options.items() if v is not None}
     if scale is not None:
+        if only:
+            raise ProtocacheError("bench: --only picks parts of the stage benchmark, not of --scale")
         from protocache.pipeline.bench_scale import bench_scale, format_scale_report
 
         if quick:
@@ -39,7 +44,8 @@ def bench(as_json: bool = typer.Option(False, "--json", help="Print the full rep
         raise ProtocacheError(f"bench: {flags} belong to the scale benchmark; add --scale N (e.g. --scale 49920)")
     from protocache.pipeline.bench_stages import format_report, run_all
 
-    report = run_all(quick=quick)
+    parts = [p.strip() for p in only.split(",") if p.strip()] if only else None
+    report = run_all(quick=quick, only=parts)
     if as_json:
         echo_json(report)
     else:

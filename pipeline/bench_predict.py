@@ -4,7 +4,7 @@ Both sides run the same images in the same batches on the same rebuilt backbone:
 side is the backbone's forward_features at the store's precision on images already decoded,
 resized and normalised in memory (what extraction's figure calls the bare forward, tokens
 copied to the host); the predict side is everything `protocache predict` does per image
-(decode the PNG files in DataLoader workers, preprocess, backbone, float16 rounding, head,
+(decode the PNG files as predict plans it, preprocess, backbone, float16 rounding, head,
 top-k, the Parquet file). Loading the model (a fixed cost per run) is left out of both.
 """
 
@@ -23,7 +23,8 @@ def bench_predict(num_images: int = 64, batch_size: int = 32, repeats: int = 2, 
     from .datasets import create_dataset
     from .fit import FitConfig, fit_head
     from .model import decode_image, load_model
-    from .predict import _default_workers, predict_items
+    from .extract_loop import decode_plan
+    from .predict import predict_items
 
     quick_head = {"protoquant": {"codebook_size": 32, "codebook_epochs": 1, "epochs": 2, "finetune_epochs": 1,
                                  "prune_rounds": 1, "kmeans_iters": 5}}.get(head, {"epochs": 2})
@@ -39,7 +40,6 @@ def bench_predict(num_images: int = 64, batch_size: int = 32, repeats: int = 2, 
             dataset.load_image(i).save(files[-1])
         model = load_model(tmp / "run")
         images = torch.stack([model.preprocess(decode_image(f)) for f in files])
-        workers = _default_workers()
 
         def bare():
             with torch.inference_mode():
@@ -47,7 +47,7 @@ def bench_predict(num_images: int = 64, batch_size: int = 32, repeats: int = 2, 
                     model.backbone_features(images[b:b + batch_size]).cpu()
 
         def predict():
-            table = predict_items(model, files, 5, batch_size, workers)
+            table = predict_items(model, files, 5, batch_size)
             pq.write_table(table, tmp / "predictions.parquet")
 
         bare(), predict()  # warm-up: first-call allocations and kernel selection
@@ -56,5 +56,5 @@ def bench_predict(num_images: int = 64, batch_size: int = 32, repeats: int = 2, 
     ratio = predict_s / bare_s
     return Ratio("predict on image files / bare forward (time)", ratio, "<= 1.2", ratio <= 1.2,
                  {"images": num_images, "head": head, "bare_images_per_s": num_images / bare_s,
-                  "predict_images_per_s": num_images / predict_s, "decode_workers": workers,
+                  "predict_images_per_s": num_images / predict_s, "decode": "{} x{}".format(*decode_plan(None, model.device)),
                   "device": str(model.device), "precision": model.precision})

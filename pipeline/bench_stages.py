@@ -11,10 +11,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from protocache.stores.errors import ProtocacheError
 
 
 def machine_info() -> dict[str, Any]:
@@ -370,16 +372,14 @@ def _bench_ablation(**kwargs) -> list[Ratio]:
     return bench_ablation(**kwargs)
 
 
-def run_all(quick: bool = False) -> dict[str, Any]:
-    """Every stage ratio, measured side by side on this machine. quick: smaller inputs (< 10 min on 2 CPU cores)."""
+def _steps(quick: bool) -> list[tuple[str, Callable[[], list[Ratio]]]]:
+    """The benchmark's parts in the order they run, each a name `--only` takes and a function giving its ratios."""
     from .bench_extract import bench_extract_vs_naive, bench_extraction
     from .bench_predict import bench_predict
 
-    started = time.perf_counter()
-    ratios: list[Ratio] = []
-    steps = [
+    return [
         ("extraction", lambda: [bench_extraction(num_images=512 if quick else 1024)]),  # bench_extract.py
-        ("extract process", lambda: [bench_extract_vs_naive(pairs=3)]),  # the whole digits set, both runs
+        ("extract-process", lambda: [bench_extract_vs_naive(pairs=3)]),  # the whole digits set, both runs
         ("store", lambda: bench_store_io(num_images=1024 if quick else 4096)),
         ("compression", lambda: [bench_compression(num_images=64 if quick else 256)]),
         ("kmeans", lambda: [bench_kmeans(num_points=10_000 if quick else 50_000)]),
@@ -388,13 +388,32 @@ def run_all(quick: bool = False) -> dict[str, Any]:
         ("memory", lambda: [bench_fit_memory(base_images=384 if quick else 2048)]),
         ("predict", lambda: [bench_predict(num_images=64 if quick else 256)]),
     ]
+
+
+def run_all(quick: bool = False, only: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every stage ratio, measured side by side on this machine. quick: smaller inputs (< 15 min on 2 CPU cores);
+    only: the names of the parts to run (see `_steps`), all by default."""
+    steps = _steps(quick)
+    names = [name for name, _ in steps]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise ProtocacheError(f"bench: unknown part(s) {', '.join(unknown)}; choose from {', '.join(names)}")
+    machine = machine_info()
+    started = time.perf_counter()
+    ratios: list[Ratio] = []
     for name, fn in steps:
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
-        for r in fn():
-            r.detail["bench_seconds"] = time.perf_counter() - t0
-            ratios.append(r)
-    return {"machine": machine_info(), "quick": quick, "seconds": time.perf_counter() - started,
-            "ratios": [r.as_dict() for r in ratios]}
+        threads = torch.get_num_threads()
+        try:
+            for r in fn():
+                r.detail["bench_seconds"] = time.perf_counter() - t0
+                ratios.append(r)
+        finally:  # a part that pins torch's threads (a fit with threads=1) does not pin the next parts'
+            torch.set_num_threads(threads)
+    return {"machine": machine, "quick": quick, "only": list(only) if only else None,
+            "seconds": time.perf_counter() - started, "ratios": [r.as_dict() for r in ratios]}
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ import os
 import queue
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -119,24 +119,26 @@ def view_inputs(batch: dict[str, Any], view: str, normalize: BatchNormalizer) ->
     raise ProtocacheError(f"unknown view {view!r}")
 
 
-def decoded_batches(source: _ImageViews, batches: list[list[int]], num_workers: int | None,
-                    device: torch.device):
-    """Collated batches of `source`, decoded as `decode_plan` says."""
+def decoded_batches(source: torch.utils.data.Dataset, batches: list[list[int]], num_workers: int | None,
+                    device: torch.device, collate: Callable[[list], Any] = collate_images):
+    """Collated batches of `source` (extract's `_ImageViews`, predict's image items), decoded as `decode_plan`
+    says."""
     kind, count = decode_plan(num_workers, device)
     if kind == "threads":
-        return _decoded_between_forwards(source, batches, count)
+        return _decoded_between_forwards(source, batches, count, collate)
     count = min(count, len(batches))
-    return torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=count, collate_fn=collate_images,
+    return torch.utils.data.DataLoader(source, batch_sampler=batches, num_workers=count, collate_fn=collate,
                                        pin_memory=device.type == "cuda", prefetch_factor=4 if count else None)
 
 
-def _decoded_between_forwards(source: _ImageViews, batches: list[list[int]], threads: int):
+def _decoded_between_forwards(source: torch.utils.data.Dataset, batches: list[list[int]], threads: int,
+                              collate: Callable[[list], Any]):
     """Each batch decoded when it is needed, by `threads` threads of this process."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(threads) as pool:
         for rows in batches:
-            yield collate_images(list(pool.map(source.__getitem__, rows)))
+            yield collate(list(pool.map(source.__getitem__, rows)))
 
 
 def shard_batches(layout: StoreLayout, shards: Sequence[int], batch_size: int) -> list[list[int]]:

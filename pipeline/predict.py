@@ -57,7 +57,8 @@ class PredictConfig:
     batch_size: int = 32
     """Images per forward pass."""
     num_workers: int | None = None
-    """Decode worker processes (default: cores - 1, at most 4; 0 decodes in the main process)."""
+    """Decode worker processes (default, as extract: none with the forward on a CPU, where each batch is decoded
+    between forward passes on as many threads as the forward has; cores - 1, at most 16, on CUDA)."""
     weights: str | None = None
     """Backbone weights (a checkpoint path) where the run's store was extracted from a local file;
     their SHA-256 must equal the store's (default: the weights source the store recorded)."""
@@ -131,7 +132,9 @@ def list_inputs(inputs: Sequence[str | Path], exclude: Path | None = None) -> li
 
 
 class _ImageItems(torch.utils.data.Dataset):
-    """Item i (a path or PIL image) decoded and preprocessed; a file that fails is (zeros, False, reason)."""
+    """Item i (a path or PIL image) decoded and resized to uint8 [H, W, 3] model-input pixels, normalised
+    batch-wise later as extract does (`transforms.BatchNormalizer`: the values of the per-image transform);
+    a file that fails is (zeros, False, reason)."""
 
     def __init__(self, items: Sequence[Any], transform, input_size: tuple[int, int]):
         self.items, self.transform, self.input_size = items, transform, input_size
@@ -143,16 +146,10 @@ class _ImageItems(torch.utils.data.Dataset):
         from .model import decode_image
 
         try:
-            return index, self.transform(decode_image(self.items[index])), True, ""
+            return index, self.transform.pixels_uint8(decode_image(self.items[index])), True, ""
         except Exception as exc:  # noqa: BLE001 - any decode failure is that file's row, never a crash
             reason = f"{type(exc).__name__}: {exc}"
-            return index, torch.zeros(3, *self.input_size), False, reason[:500]
-
-
-def _default_workers() -> int:
-    from .extract import _default_workers as extract_workers
-
-    return extract_workers()
+            return index, torch.zeros(*self.input_size, 3, dtype=torch.uint8), False, reason[:500]
 
 
 def _table(paths: list[str | None], ok: np.ndarray, reasons: list[str], classes: np.ndarray, probs: np.ndarray,
@@ -173,18 +170,24 @@ def _table(paths: list[str | None], ok: np.ndarray, reasons: list[str], classes:
 
 
 @torch.inference_mode()
-def predict_items(model, items: Sequence[Any], top_k: int = 5, batch_size: int = 32, num_workers: int = 0,
+def predict_items(model, items: Sequence[Any], top_k: int = 5, batch_size: int = 32, num_workers: int | None = None,
                   progress: bool = False):
-    """Top-k predictions of `model` (a ProtoModel) for image files and/or PIL images -> a pyarrow Table."""
+    """Top-k predictions of `model` (a ProtoModel) for image files and/or PIL images -> a pyarrow Table.
+
+    Decoding is planned as extract plans it (`extract_loop.decode_plan`): None decodes each batch on threads
+    between forward passes on a CPU and in worker processes on CUDA; N asks for N worker processes."""
+    from torch.utils.data import default_collate
     from tqdm.auto import tqdm
+
+    from .extract_loop import decoded_batches
+    from .transforms import BatchNormalizer
 
     check_values(PredictConfig(top_k=top_k, batch_size=batch_size, num_workers=num_workers), "predict", flags=True)
     n, k = len(items), min(int(top_k), model.num_classes)
     source = _ImageItems(items, model.preprocess, model.input_size)
-    workers = min(num_workers, -(-n // batch_size))
-    loader = torch.utils.data.DataLoader(source, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=model.device.type == "cuda",
-                                         prefetch_factor=4 if workers else None)
+    batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
+    loader = decoded_batches(source, batches, num_workers, model.device, collate=default_collate)
+    normalize = BatchNormalizer(model.preprocess.mean, model.preprocess.std, model.device, model.channels_last)
     ok = np.zeros(n, dtype=bool)
     reasons = [""] * n
     classes = np.zeros((n, k), dtype=np.int64)
@@ -197,7 +200,7 @@ def predict_items(model, items: Sequence[Any], top_k: int = 5, batch_size: int =
                 ok[i], reasons[i] = g, r
             if good.any():
                 rows = index[good]
-                logits = model(images[torch.from_numpy(good)]).float()
+                logits = model(normalize(images[torch.from_numpy(good)])).float()
                 p, c = torch.softmax(logits, dim=1).topk(k, dim=1)
                 classes[rows], probs[rows] = c.cpu().numpy(), p.cpu().numpy()
                 top_logit[rows] = logits.gather(1, c[:, :1])[:, 0].cpu().numpy()
@@ -239,8 +242,7 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
 
             page = PredictPage(model, cfg.top_prototypes, cfg.batch_size, cfg.root)
         t0 = time.perf_counter()
-        workers = _default_workers() if cfg.num_workers is None else cfg.num_workers
-        table = predict_items(model, files, cfg.top_k, cfg.batch_size, workers, cfg.progress)
+        table = predict_items(model, files, cfg.top_k, cfg.batch_size, cfg.num_workers, cfg.progress)
         seconds = time.perf_counter() - t0
         bad = int(len(files) - sum(table.column("ok").to_pylist()))
         pq.write_table(table, staging / PREDICTIONS)

@@ -119,8 +119,10 @@ def test_scale_head_epoch_streams_protoquant_steps(tmp_path):
     (["bench", "--scale", "0"], "bench: --scale must be an integer >= 1, got 0"),
     (["bench", "--scale", "8", "--tokens", "sparse,vit"], "bench: --tokens 'sparse,vit': use sparse, dense"),
     (["bench", "--scale", "8", "--compression", "none,lz9"], "bench: --compression 'lz9': unknown compression"),
+    (["bench", "--only", "kmeans,gpu"], "bench: unknown part(s) gpu; choose from extraction, extract-process, store"),
+    (["bench", "--scale", "8", "--only", "kmeans"], "bench: --only picks parts of the stage benchmark, not of --scale"),
 ])
-def test_bad_scale_options_are_one_line(argv, message, capsys):
+def test_bad_bench_options_are_one_line(argv, message, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         main(argv)

@@ -64,6 +64,19 @@ def write_pngs(rows, folder: Path) -> list[Path]:
     return paths
 
 
+def write_hard_cases(folder: Path, text_name: str) -> None:
+    """Into `folder`: digit 3 as a 16-bit greyscale PNG (a good image), a truncated JPEG and a text file named
+    `text_name` (two bad ones)."""
+    grey = np.asarray(render(3).convert("L"), dtype=np.uint16) * 257  # 8 -> 16 bits, exactly invertible
+    Image.fromarray(grey).save(folder / "sixteen.png")
+    assert Image.open(folder / "sixteen.png").mode.startswith("I")
+    render(4).resize((64, 64)).save(folder / "whole.jpg", quality=95)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "whole.jpg").unlink()
+    (folder / text_name).write_text("not an image at all")
+
+
 def cached_logits(model, store: FeatureStore, rows) -> torch.Tensor:
     with torch.inference_mode():
         return model.head(torch.from_numpy(store.read_rows("tokens", np.asarray(rows))).float()).float()
@@ -82,14 +95,7 @@ def mixed_folder(tmp_path) -> Path:
     folder = tmp_path / "photos"
     write_pngs([0, 1], folder)
     write_pngs([2], folder / "nested" / "deeper")
-    grey = np.asarray(render(3).convert("L"), dtype=np.uint16) * 257  # 8 -> 16 bits, exactly invertible
-    Image.fromarray(grey).save(folder / "sixteen.png")
-    assert Image.open(folder / "sixteen.png").mode.startswith("I")
-    render(4).resize((64, 64)).save(folder / "whole.jpg", quality=95)
-    data = (folder / "whole.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (folder / "whole.jpg").unlink()
-    (folder / "notes.png").write_text("not an image at all")
+    write_hard_cases(folder, "notes.png")
     return folder
 
 

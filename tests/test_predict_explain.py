@@ -22,22 +22,17 @@ from PIL import Image
 
 from fit_helpers import quick_fit
 from protocache.cli.main import main
-from protocache.pipeline.datasets import create_dataset
 from protocache.pipeline.model import load_model
 from protocache.pipeline.predict import PredictConfig, run_predict
 from protocache.pipeline.runs import run_splits
 from protocache.stores import FeatureStore
 from protocache.stores.errors import ProtocacheError
 from test_explain import CHROMIUM, _chromium  # the explain report's browser check, reused
+from test_predict import render, write_hard_cases
 
 # names that must reach the page only escaped: if either ran, the title or <body data-pwned> would change
 SCRIPT_NAME = "<script>document.title='pwned'<"  # a good image's file name (no "/" in a file name)
 ONERROR_NAME = "<img src=x onerror=document.body.dataset.pwned=1>"  # an unreadable file's name
-
-
-def render(row: int) -> Image.Image:
-    """Digit `row` exactly as the digits dataset renders it for extract."""
-    return create_dataset("digits").load_image(int(row))
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +61,7 @@ def mixed_folder(folder: Path) -> dict[str, bool]:
     folder.mkdir(parents=True)
     render(0).save(folder / "digit-0.png")
     render(1).save(folder / f"{SCRIPT_NAME}.png")
-    grey = np.asarray(render(3).convert("L"), dtype=np.uint16) * 257  # 8 -> 16 bits, exactly invertible
-    Image.fromarray(grey).save(folder / "sixteen.png")
-    assert Image.open(folder / "sixteen.png").mode.startswith("I")
-    render(4).resize((64, 64)).save(folder / "whole.jpg", quality=95)
-    data = (folder / "whole.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (folder / "whole.jpg").unlink()
-    (folder / f"{ONERROR_NAME}.png").write_text("not an image at all")
+    write_hard_cases(folder, f"{ONERROR_NAME}.png")
     return {"digit-0.png": True, f"{SCRIPT_NAME}.png": True, "sixteen.png": True, "truncated.jpg": False,
             f"{ONERROR_NAME}.png": False}
 

@@ -37,13 +37,14 @@ from __future__ import annotations
 
 from .config import IMAGE_DIR, REPORT_MARKER, ExplainConfig, ExplainResult
 from .drawing import colorize, css_gradient, draw_box, overlay, patch_window, upsample
-from .evidence import TopImages, choose_images, explain_images, predict_split, scan_training, used_prototypes
+from .evidence import TopImages, choose_images, explain_images, kept_scan_training, predict_split, scan_training, \
+    used_prototypes
 from .images import ImageSource, model_input_view, reroot
 from .report import explain, explain_run, prepare_out, render_html
 
 __all__ = [
     "ExplainConfig", "ExplainResult", "REPORT_MARKER", "IMAGE_DIR", "explain_run", "explain", "render_html",
     "prepare_out", "ImageSource", "model_input_view", "reroot", "choose_images", "predict_split", "scan_training",
-    "used_prototypes", "explain_images", "TopImages", "colorize", "overlay", "draw_box", "patch_window", "upsample",
+    "kept_scan_training", "used_prototypes", "explain_images", "TopImages", "colorize", "overlay", "draw_box", "patch_window", "upsample",
     "css_gradient",
 ]

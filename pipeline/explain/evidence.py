@@ -1,11 +1,15 @@
 """Evidence: predictions over a split, the choice of explained images, what each chosen image's
 logits are made of, the scan of training patches, and the prototypes a head uses.
 
-Everything reads the cache (tokens) and the head; nothing here draws or writes files.
+Everything reads the cache (tokens) and the head; nothing here draws. The one file written is the
+training scan kept in the run folder (`kept_scan_training`), reused while its inputs are unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +19,7 @@ from protocache.pipeline import metrics as M
 from protocache.pipeline.evaluate import head_fields, head_logits
 from protocache.stores import FeatureStore
 from protocache.stores.errors import ProtocacheError
+from protocache.stores.keyed_arrays import load_keyed, save_keyed
 
 TopImages = M.TopImages  # the one implementation purity uses
 
@@ -146,6 +151,29 @@ def scan_training(head, store: FeatureStore, split: str, k: int, batch_size: int
         raise ProtocacheError(f"split {split!r} of {store.path} has no usable images: the gallery needs "
                               "training images (choose another with --train-split)")
     return top, importance / max(n, 1), n
+
+
+def kept_scan_training(head, store: FeatureStore, split: str, k: int, batch_size: int, device: torch.device,
+                       run_dir: str | Path) -> tuple[TopImages, np.ndarray, int]:
+    """`scan_training`, kept in RUN/scan-<split>-k<k>.npz: the scan reads the whole split (hours on ImageNet),
+    while explaining a few new images needs only its result. Reused while the head's weights, the store's
+    fingerprint, the split's rows and labels, k and the device type are the same (else scanned again and kept)."""
+    rows = np.ascontiguousarray(store.split_rows(split), dtype=np.int64)
+    labels = np.ascontiguousarray(np.asarray(store.labels())[rows], dtype=np.int64)
+    key = {"format": 1, "split": split, "k": int(k), "device": torch.device(device).type,
+           "weights_sha256": hashlib.sha256((Path(run_dir) / "weights.safetensors").read_bytes()).hexdigest(),
+           "store_sha256": hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True).encode()).hexdigest(),
+           "rows_sha256": hashlib.sha256(rows.tobytes() + labels.tobytes()).hexdigest()}
+    path = Path(run_dir) / f"scan-{split}-k{int(k)}.npz"
+    kept = load_keyed(path, key)
+    if kept is not None:
+        top = TopImages(kept["values"].shape[0], int(k))
+        top.values, top.rows, top.cells = kept["values"], kept["rows"], kept["cells"]
+        return top, kept["importance"], int(kept["count"])
+    top, importance, n = scan_training(head, store, split, k, batch_size, device)
+    save_keyed(path, key, {"values": top.values, "rows": top.rows, "cells": top.cells, "importance": importance,
+                           "count": np.asarray(n)})
+    return top, importance, n
 
 
 def used_prototypes(head, num_classes: int) -> tuple[list[int], dict[int, list[int]]]:

@@ -10,8 +10,8 @@ to its logit (``ProtoModel.explain``), each with
   strongest negative cell),
 - the training patches it stands for: the training images where it is most present, cut
   around their peak cells, found and drawn as the explain report finds and draws them
-  (``evidence.scan_training`` over the run's train split, ``report.Pictures``; the images are
-  reloaded from the store's dataset by their metadata records),
+  (``evidence.kept_scan_training`` over the run's train split, kept in the run folder;
+  ``report.Pictures``; the images are reloaded from the store's dataset by their metadata records),
 - its contribution to the logit (positive minus negative evidence; both parts shown for
   InfoDisent, whose evidence is signed).
 
@@ -29,7 +29,7 @@ from typing import Any
 from protocache.stores.errors import ProtocacheError
 
 from .config import IMAGE_DIR, ExplainConfig
-from .evidence import scan_training
+from .evidence import kept_scan_training
 from .images import ImageSource
 from .report import Pictures, meta_reader, render_page
 
@@ -53,7 +53,8 @@ class PredictPage:
             raise ProtocacheError(f"predict --explain shows each prototype's training patches from the store the "
                                   f"run was fitted on: {exc}") from None
         self.images = ImageSource(self.store, root)
-        self.top, _, _ = scan_training(model.head, self.store, "train", self.drawing.patches, batch_size, model.device)
+        self.top, _, _ = kept_scan_training(model.head, self.store, "train", self.drawing.patches, batch_size,
+                                            model.device, model.run_dir)
         self.images.view(int(self.top.rows[0, 0]))  # the dataset is reachable (else: pass --root)
 
     def write(self, table, out: Path) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from protocache.stores.owned import replace_dir, restore_interrupted
 
 from .config import IMAGE_DIR, REPORT_MARKER, ExplainConfig, ExplainResult
 from .drawing import NEGATIVE_BOX, POSITIVE_BOX, crop_patch, css_gradient, draw_box, overlay, patch_window
-from .evidence import TopImages, as_tensor, choose_images, explain_images, predict_split, scan_training, \
+from .evidence import TopImages, as_tensor, choose_images, explain_images, kept_scan_training, predict_split, \
     similarity_maps, used_prototypes
 from .images import ImageSource
 
@@ -87,8 +87,8 @@ def _write_report(head, store: FeatureStore, cfg: ExplainConfig, out: Path, devi
 
     # ---- the gallery: the images and patches PIP-Net purity scores on the training split, and importance
     mconf = metric_config(store, M.MetricConfig())
-    top, importance, num_train = scan_training(head, store, cfg.train_split, mconf["purity_top_k"], cfg.batch_size,
-                                               device)
+    top, importance, num_train = kept_scan_training(head, store, cfg.train_split, mconf["purity_top_k"],
+                                                    cfg.batch_size, device, cfg.run)
     used, per_class = used_prototypes(head, num_classes)
     used_sorted = sorted(used, key=lambda p: (-importance[p], p))
     shown = used_sorted if cfg.max_prototypes is None else used_sorted[:max(0, cfg.max_prototypes)]

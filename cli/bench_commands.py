@@ -44,7 +44,9 @@ def bench(as_json: bool = typer.Option(False, "--json", help="Print the full rep
         raise ProtocacheError(f"bench: {flags} belong to the scale benchmark; add --scale N (e.g. --scale 49920)")
     from protocache.pipeline.bench_stages import format_report, run_all
 
-    parts = [p.strip() for p in only.split(",") if p.strip()] if only else None
+    parts = None if only is None else [p.strip() for p in only.split(",") if p.strip()]
+    if parts == []:
+        raise ProtocacheError("bench: --only names no part; e.g. --only extraction,predict")
     report = run_all(quick=quick, only=parts)
     if as_json:
         echo_json(report)

@@ -121,6 +121,7 @@ def test_scale_head_epoch_streams_protoquant_steps(tmp_path):
     (["bench", "--scale", "8", "--compression", "none,lz9"], "bench: --compression 'lz9': unknown compression"),
     (["bench", "--only", "kmeans,gpu"], "bench: unknown part(s) gpu; choose from extraction, extract-process, store"),
     (["bench", "--scale", "8", "--only", "kmeans"], "bench: --only picks parts of the stage benchmark, not of --scale"),
+    (["bench", "--only", " , "], "bench: --only names no part; e.g. --only extraction,predict"),
 ])
 def test_bad_bench_options_are_one_line(argv, message, capsys):
     capsys.readouterr()

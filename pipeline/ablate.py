@@ -164,22 +164,33 @@ def check_points(points: Sequence[AblatePoint], store: Any, fit_options: dict[st
     so a bad value anywhere in the grid stops the sweep before the first fit."""
     from .fit import FitConfig
     from .heads import resolve_config, store_info
+    from .sources import with_backbone_labels
 
-    info = store_info(store)
+    targets = sorted({str(p.config.get("target", "labels")) for p in points})
+    if len(targets) > 1:  # val accuracy is accuracy for one and agreement with the backbone for the other
+        raise ProtocacheError(f"the grid mixes target={' and target='.join(targets)}, whose val accuracies measure "
+                              "different things (the labels vs agreement with the backbone's top-1), so no config "
+                              "could be chosen between them; sweep each target in an ablate of its own")
+    infos: dict[str, Any] = {}  # per target: the store's labels, or the backbone's top-1 as the fit sees them
     for point in points:
         try:
             fit = build_config(FitConfig, {**fit_options, "seed": point.seed, "progress": False}, "fit", noun="option")
             overrides = {**point.config, **({"epochs": fit.epochs} if fit.epochs is not None else {})}
-            resolve_config(point.head, info, overrides)
+            target = str(point.config.get("target", "labels"))
+            if target not in infos:
+                infos[target] = store_info(with_backbone_labels(store) if target == "backbone" else store)
+            resolve_config(point.head, infos[target], overrides)
         except ProtocacheError as exc:
             raise ProtocacheError(f"grid point {point.name}: {exc}; nothing was trained") from None
 
 
 def group_points(points: Sequence[AblatePoint]) -> list[list[AblatePoint]]:
-    """Points sharing a batch schedule: same head, seed and schedule keys."""
+    """Points sharing a batch schedule and labels: same head, seed, schedule keys and target (the store's labels
+    or the backbone's top-1)."""
     groups: dict[tuple, list[AblatePoint]] = {}
     for p in points:
-        key = (p.head, p.seed) + tuple(_fmt(p.config.get(k)) for k in SCHEDULE_KEYS)
+        key = (p.head, p.seed, str(p.config.get("target", "labels"))) + tuple(
+            _fmt(p.config.get(k)) for k in SCHEDULE_KEYS)
         groups.setdefault(key, []).append(p)
     return list(groups.values())
 

@@ -367,10 +367,14 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
     from .ablate_vectorised import GroupTrainer
     from .fit import fit_head
     from .runtime import pin_threads
+    from .sources import with_backbone_labels
 
     trainer = GroupTrainer()
     baton = _Baton(len(points))
-    shared = SharedStore(FeatureStore.open(store_path), baton)
+    base = FeatureStore.open(store_path)
+    if points[0].config.get("target") == "backbone":  # (a group is one target: ablate.group_points)
+        base = with_backbone_labels(base)  # every head of the group explains the backbone's own top-1
+    shared = SharedStore(base, baton)
     trainer.bind(baton, shared)
     pin_threads(point_fit(points[0], fit_options).threads)  # the loops run here, as a lone fit would
     results: list[dict[str, Any] | None] = [None] * len(points)

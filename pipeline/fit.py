@@ -46,7 +46,7 @@ from .heads import Head, StoreInfo, head_class, resolve_config, store_info
 from .runtime import pin_threads, resolve_device, seed_everything
 # (ArraySplit, MappedSplit and Validation are re-exported: the recipe-facing names of the fit stage)
 from .sources import ArraySplit, Batches, MappedSplit, StoreSplit, derive, epoch_seed, to_torch  # noqa: F401
-from .sources import with_backbone_labels
+from .sources import backbone_labelled, with_backbone_labels
 from .validation import VAL_ROWS, Validation, check_val_fraction, store_with_validation, validation_split  # noqa: F401
 
 RUN_FORMAT = 1
@@ -297,8 +297,8 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     elif store.missing_shards():
         raise MissingShardError(f"{store.path}: shard(s) {store.missing_shards()} are not written; "
                                 "finish `protocache extract` before fitting a head.")
-    if getattr(requested, "target", "labels") == "backbone":  # explain the backbone: its top-1 is the label
-        store = with_backbone_labels(store)
+    if getattr(requested, "target", "labels") == "backbone" and not backbone_labelled(store):
+        store = with_backbone_labels(store)  # explain the backbone: its top-1 is the label
     info = store_info(store)
     config = resolve_config(name, info, overrides)  # unknown keys fail before the run folder is touched
     validation = validation_split(store, check_val_fraction(fit.val_fraction), fit.seed)

@@ -9,7 +9,7 @@ features derived from frozen parts are kept in RAM while they fit in a budget
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -111,6 +111,11 @@ def derive(source: Batches, fn: Callable[[dict[str, np.ndarray]], dict[str, np.n
     return ArraySplit({k: np.concatenate(v) for k, v in parts.items()}, seed=getattr(source, "seed", 0))
 
 
+def backbone_labelled(store: Any) -> bool:
+    """Whether `store` (or the reader wrapping it) is already a `with_backbone_labels` view."""
+    return (getattr(store, "attrs", None) or {}).get("labels", {}).get("source") == "backbone"
+
+
 def with_backbone_labels(store: FeatureStore) -> FeatureStore:
     """A read-only view of `store` whose labels are the backbone's own top-1 (argmax of the cached
     `logits`) and whose classes are the backbone classifier's (ImageNet's names for a 1,000-way
@@ -122,8 +127,8 @@ def with_backbone_labels(store: FeatureStore) -> FeatureStore:
     from .backbones import backbone_class_names
 
     if not isinstance(store, FeatureStore):
-        raise ProtocacheError("target=backbone needs the store itself (not ablate's shared reader); "
-                              "fit it with `protocache fit-head`")
+        raise ProtocacheError("target=backbone needs the store itself, not a reader wrapping it "
+                              "(ablate relabels the store before wrapping it)")
     if not store.has_logits:
         raise ProtocacheError(f"{store.path} holds no logits (its backbone {store.fingerprint.get('backbone')} has "
                               "no classifier), so there is no backbone to explain: use target=labels, or extract "

@@ -141,3 +141,22 @@ def test_headwise_bmm_matches_each_heads_own_product():
         oi = torch.bmm(ai, bi)
         oi.square().sum().backward()
         assert torch.equal(out[i], oi[0]) and torch.equal(a.grad[i], ai.grad[0]) and torch.equal(b.grad[i], bi.grad[0])
+
+
+def test_heads_explaining_the_backbone_share_a_pass_on_its_labels_with_lone_weights(store_path, tmp_path):
+    """target=backbone points train in one pass over the store relabelled once with the backbone's top-1, each
+    with the weights of its lone fit; a labels point of the same head is a group of its own."""
+    from protocache.pipeline.ablate import check_points, group_points
+
+    quick = {"target": "backbone", "warmup_epochs": 1, "epochs": 1, "last_layer_epochs": 1}
+    points = [AblatePoint("infodisent", {**quick, "gumbel_tau": tau}, 3) for tau in (0.3, 0.5)]
+    labels_point = AblatePoint("infodisent", {k: v for k, v in quick.items() if k != "target"}, 3)
+    assert [len(g) for g in group_points([*points, labels_point])] == [2, 1]
+    with pytest.raises(ProtocacheError, match="the grid mixes target=backbone and target=labels"):
+        check_points([*points, labels_point], FeatureStore.open(store_path), OPTIONS)
+    rows = run_group(str(store_path), points, str(tmp_path / "pass"), OPTIONS)
+    assert "rotation: shared (2 heads)" in rows[0]["train_loops"]
+    for p in points:
+        config = (tmp_path / "pass" / p.name / runs.CONFIG).read_text()
+        assert '"source": "backbone"' in config
+    assert_lone_weights(store_path, points, tmp_path)

@@ -2,8 +2,8 @@
 
 Each figure is the time of N separate `fit_head` calls over the time of one `run_group` of the
 same N points, taken side by side in one run (3 alternating rounds, the fastest of each side) on
-the bench's random store (streamed from the
-store every epoch: `shards_in_memory` 1), both sides pinned to the same torch thread count:
+the bench's random store (streamed from the store every epoch: `shards_in_memory` 1), both sides
+pinned to the same torch thread count:
 
 - linear probes whose configs differ in lr and weight decay: trained as one vectorised module;
   target >= 0.6 N;

@@ -56,5 +56,6 @@ def bench_predict(num_images: int = 64, batch_size: int = 32, repeats: int = 2, 
     ratio = predict_s / bare_s
     return Ratio("predict on image files / bare forward (time)", ratio, "<= 1.2", ratio <= 1.2,
                  {"images": num_images, "head": head, "bare_images_per_s": num_images / bare_s,
-                  "predict_images_per_s": num_images / predict_s, "decode": "{} x{}".format(*decode_plan(None, model.device)),
+                  "predict_images_per_s": num_images / predict_s,
+                  "decode": "{} x{}".format(*decode_plan(None, model.device)),
                   "device": str(model.device), "precision": model.precision})

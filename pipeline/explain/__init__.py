@@ -45,6 +45,6 @@ from .report import explain, explain_run, prepare_out, render_html
 __all__ = [
     "ExplainConfig", "ExplainResult", "REPORT_MARKER", "IMAGE_DIR", "explain_run", "explain", "render_html",
     "prepare_out", "ImageSource", "model_input_view", "reroot", "choose_images", "predict_split", "scan_training",
-    "kept_scan_training", "used_prototypes", "explain_images", "TopImages", "colorize", "overlay", "draw_box", "patch_window", "upsample",
-    "css_gradient",
+    "kept_scan_training", "used_prototypes", "explain_images", "TopImages", "colorize", "overlay", "draw_box",
+    "patch_window", "upsample", "css_gradient",
 ]

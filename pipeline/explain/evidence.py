@@ -17,7 +17,7 @@ import torch
 
 from protocache.pipeline import metrics as M
 from protocache.pipeline.evaluate import head_fields, head_logits
-from protocache.stores import FeatureStore
+from protocache.stores import FeatureStore, runs
 from protocache.stores.errors import ProtocacheError
 from protocache.stores.keyed_arrays import load_keyed, save_keyed
 
@@ -161,7 +161,7 @@ def kept_scan_training(head, store: FeatureStore, split: str, k: int, batch_size
     rows = np.ascontiguousarray(store.split_rows(split), dtype=np.int64)
     labels = np.ascontiguousarray(np.asarray(store.labels())[rows], dtype=np.int64)
     key = {"format": 1, "split": split, "k": int(k), "device": torch.device(device).type,
-           "weights_sha256": hashlib.sha256((Path(run_dir) / "weights.safetensors").read_bytes()).hexdigest(),
+           "weights_sha256": hashlib.sha256((Path(run_dir) / runs.WEIGHTS).read_bytes()).hexdigest(),
            "store_sha256": hashlib.sha256(json.dumps(store.fingerprint, sort_keys=True).encode()).hexdigest(),
            "rows_sha256": hashlib.sha256(rows.tobytes() + labels.tobytes()).hexdigest()}
     path = Path(run_dir) / f"scan-{split}-k{int(k)}.npz"

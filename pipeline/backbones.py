@@ -188,6 +188,19 @@ def create_frozen_model(name: str, weights: str = "auto") -> tuple[torch.nn.Modu
     return model, source
 
 
+def run_frozen(model: torch.nn.Module, x: torch.Tensor, precision: str, channels_last: bool, head: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(forward_features, and the classifier's logits when `head`) of `model` on `x` (on its device) as extract
+    runs them: channels-last when asked, bf16 autocast at precision bf16. Predict (`model.ProtoModel`) runs
+    the very same calls, so new images get the features their cached copies have."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=(precision == "bf16")):
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats) if head else None
+    return feats, logits
+
+
 def split_features(feats: torch.Tensor, is_cnn: bool, num_prefix_tokens: int, has_cls_token: bool
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """forward_features output -> (tokens [B, T, D], pooled [B, D]), float32: CNN maps flattened row-major
@@ -283,13 +296,8 @@ class Backbone:
     def forward(self, images: torch.Tensor, precision: str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """images [B, 3, H, W] (normalised) -> tokens [B, T, D], pooled [B, D], logits [B, C0] or None, float32."""
-        precision = precision or self.precision
-        x = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=(precision == "bf16")):
-            feats = self.model.forward_features(x)
-            logits = self.model.forward_head(feats) if self.num_logits else None
+        feats, logits = run_frozen(self.model, images.to(self.device, non_blocking=True), precision or self.precision,
+                                   self.channels_last, head=bool(self.num_logits))
         tokens, pooled = split_features(feats, self.is_cnn, self.num_prefix_tokens, self.has_cls_token)
         return tokens, pooled, (logits.float() if logits is not None else None)
 

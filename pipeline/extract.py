@@ -26,7 +26,7 @@ from protocache.stores.shards import shards_to_write
 from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
 from .config import check_values
 from .datasets import Dataset, create_dataset
-from .extract_loop import _default_workers, extract_shards, shard_batches  # noqa: F401 (re-exported)
+from .extract_loop import extract_shards
 from .runtime import dask_client, pin_threads
 from .transforms import (NOISE_SIGMA, make_view, noise_definition,  # noqa: F401 (make_view is re-exported)
                          noise_sigma_pixels, preprocessing_config, resolve_resize)

@@ -133,11 +133,9 @@ class ProtoModel(nn.Module):
 
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's forward_features at the store's precision, as extract runs it (the bare forward)."""
-        x = images.to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self.backbone.forward_features(x)
+        from .backbones import run_frozen
+
+        return run_frozen(self.backbone, images.to(self.device), self.precision, self.channels_last)[0]
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [N, T, D], pooled [N, D]) float32 holding exactly the float16 values a store would cache."""

@@ -366,7 +366,7 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
     from .ablate import point_fit  # (ablate imports this module)
     from .ablate_vectorised import GroupTrainer
     from .fit import fit_head
-    from .runtime import pin_threads
+    from .runtime import fit_settings
     from .sources import with_backbone_labels
 
     trainer = GroupTrainer()
@@ -376,7 +376,6 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
         base = with_backbone_labels(base)  # every head of the group explains the backbone's own top-1
     shared = SharedStore(base, baton)
     trainer.bind(baton, shared)
-    pin_threads(point_fit(points[0], fit_options).threads)  # the loops run here, as a lone fit would
     results: list[dict[str, Any] | None] = [None] * len(points)
     heads: list[Any] = [None] * len(points)
     errors: list[BaseException | None] = [None] * len(points)
@@ -402,11 +401,12 @@ def run_group(store_path: str, points: Sequence[AblatePoint], out: str, fit_opti
 
     started = time.perf_counter()
     threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in range(len(points))]
-    for t in threads:
-        t.start()
-    baton.serve(trainer.resolve)
-    for t in threads:
-        t.join()
+    with fit_settings(point_fit(points[0], fit_options).threads):  # the loops run here, as a lone fit's would
+        for t in threads:
+            t.start()
+        baton.serve(trainer.resolve)
+        for t in threads:
+            t.join()
     seconds = time.perf_counter() - started
     for exc in errors:
         if exc is not None:

@@ -18,6 +18,8 @@ import torch
 
 from protocache.stores.errors import ProtocacheError
 
+from .runtime import pinned_threads
+
 
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -405,13 +407,10 @@ def run_all(quick: bool = False, only: Sequence[str] | None = None) -> dict[str,
         if only and name not in only:
             continue
         t0 = time.perf_counter()
-        threads = torch.get_num_threads()
-        try:
+        with pinned_threads(None):  # a part that pins torch's threads does not pin the next parts'
             for r in fn():
                 r.detail["bench_seconds"] = time.perf_counter() - t0
                 ratios.append(r)
-        finally:  # a part that pins torch's threads (a fit with threads=1) does not pin the next parts'
-            torch.set_num_threads(threads)
     return {"machine": machine, "quick": quick, "only": list(only) if only else None,
             "seconds": time.perf_counter() - started, "ratios": [r.as_dict() for r in ratios]}
 

@@ -27,8 +27,8 @@ from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
 from .config import check_values
 from .datasets import Dataset, create_dataset
 from .extract_loop import extract_shards
-from .runtime import dask_client, pin_threads
-from .transforms import (NOISE_SIGMA, make_view, noise_definition,  # noqa: F401 (make_view is re-exported)
+from .runtime import dask_client, pin_threads, pinned_threads
+from .transforms import (NOISE_SIGMA, noise_definition,
                          noise_sigma_pixels, preprocessing_config, resolve_resize)
 
 VIEWS = ("clean", "hflip", "noise")
@@ -221,7 +221,6 @@ def prepare_store(cfg: ExtractConfig, dataset: Dataset | None = None,
         raise ProtocacheError(f"--on-bad-image must be error or skip, not {cfg.on_bad_image!r}")
     parse_views(cfg.views)
     resolve_resize(cfg.resize)  # a bad value fails before the backbone loads
-    pin_threads(cfg.threads)
     resumed = resumed_compression(cfg.out_path(), cfg.compression, cfg.overwrite)  # before the backbone loads
     measure = resumed is None and parse_compression(cfg.compression) == "auto"
     dataset = dataset or create_dataset(cfg.dataset, cfg.root, **cfg.dataset_options).limit(cfg.limit)
@@ -253,6 +252,12 @@ def _nothing_to_do(store: FeatureStore, started: float) -> ExtractResult:
 
 def run_extract(cfg: ExtractConfig) -> ExtractResult:
     """Extract a whole dataset into a store; on an existing store only missing shards are written."""
+    cfg.validate()
+    with pinned_threads(cfg.threads):  # the caller's thread count comes back when extraction ends
+        return _extract_here(cfg)
+
+
+def _extract_here(cfg: ExtractConfig) -> ExtractResult:
     started = time.perf_counter()
     store, dataset, backbone = prepare_store(cfg)
     todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
@@ -322,7 +327,8 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    store, _, _ = prepare_store(cfg)
+    with pinned_threads(cfg.threads):  # the probe forward here computes as the workers do
+        store, _, _ = prepare_store(cfg)
     todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
     total = store.layout.num_shards
     if not todo:

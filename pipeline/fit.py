@@ -43,7 +43,7 @@ from protocache.stores.errors import MissingShardError, ProtocacheError
 
 from .config import build_config, check_values
 from .heads import Head, StoreInfo, head_class, resolve_config, store_info
-from .runtime import pin_threads, resolve_device, seed_everything
+from .runtime import fit_settings, resolve_device, seed_everything
 # (ArraySplit, MappedSplit and Validation are re-exported: the recipe-facing names of the fit stage)
 from .sources import ArraySplit, Batches, MappedSplit, StoreSplit, derive, epoch_seed, to_torch  # noqa: F401
 from .sources import backbone_labelled, with_backbone_labels
@@ -287,6 +287,14 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     """
     fit = fit or FitConfig()
     fit.validate()
+    with fit_settings(fit.threads):  # the caller's thread count and kernel choice come back after the fit
+        return _fit_head(name, store_path, out, head_config, fit, store=store, extra_config=extra_config,
+                         replace=replace, group=group)
+
+
+def _fit_head(name: str, store_path: str | Path, out: str | Path, head_config: dict[str, Any] | None,
+              fit: FitConfig, *, store: Any, extra_config: dict[str, Any] | None, replace: bool,
+              group: Any) -> FitResult:
     head_class(name)  # unknown names fail before any work
     overrides = dict(head_config or {})
     if fit.epochs is not None:
@@ -306,7 +314,6 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     staging = run_files.begin_run(run_dir)  # written here, renamed to run_dir when complete
     echo = (lambda m: print(m, file=sys.stderr, flush=True)) if fit.progress else None
     log = run_files.RunLog(staging, echo=echo)
-    pin_threads(fit.threads)
     seed_everything(fit.seed)
     device = resolve_device(fit.device)
     started = time.perf_counter()

@@ -27,21 +27,61 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch, and ask torch for deterministic kernels."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    """Seed Python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """torch's deterministic kernels (a warning where an op has none) and no cuDNN autotuning inside
+    the block; the caller's settings after it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read when it starts)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+@contextlib.contextmanager
+def fit_settings(threads: int | None) -> Iterator[None]:
+    """What a fit runs under (`pinned_threads`, `deterministic_kernels`), set back when it ends."""
+    with pinned_threads(threads), deterministic_kernels():
+        yield
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise ProtocacheError(f"--threads must be >= 1, got {threads}")
 
 
 def pin_threads(threads: int | None) -> None:
-    """Set torch's intra-op thread count (part of what makes CPU float results repeatable)."""
+    """Set torch's intra-op thread count for the rest of the process (a dask worker's task); None keeps it."""
+    check_threads(threads)
     if threads:
-        if threads < 1:
-            raise ProtocacheError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` (part of what makes CPU float results repeatable)
+    inside the block and set back after it: a fit or extraction called from Python leaves the caller's
+    count as it was. None keeps the count."""
+    check_threads(threads)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,13 @@ def store_bytes(path: Path) -> dict[str, bytes]:
 def test_extract_digits_writes_a_store_that_reads_back(tmp_path):
     from sklearn.datasets import load_digits
 
-    result = run_extract(tiny_config(tmp_path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = run_extract(tiny_config(tmp_path))  # threads=1 inside it; the caller's 2 after it
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     assert not result.nothing_to_do and result.shards_written_now == 3 and result.images_written_now == 40
     group = zarr.open_group(tmp_path / "s.zarr", mode="r")
     assert group.metadata.zarr_format == 3 and group["tokens"].shape == (40, 25, 256)

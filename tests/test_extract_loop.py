@@ -16,6 +16,7 @@ from protocache.pipeline.backbones import Backbone, BackboneConfig
 from protocache.pipeline.datasets import Dataset, create_dataset
 from protocache.pipeline.extract import run_extract
 from protocache.pipeline.extract_loop import _ImageViews, collate_images, shard_batches, view_inputs
+from protocache.pipeline.runtime import pinned_threads
 from protocache.pipeline.transforms import BatchNormalizer, ModelInputTransform, make_view
 from protocache.stores import FeatureStore
 
@@ -90,7 +91,8 @@ def test_store_tokens_are_the_forward_of_the_per_image_inputs(tmp_path, num_work
             inputs = torch.stack([transform.normalize(make_view(transform.pixels(dataset.load_image(i)), view,
                                                                 dataset.records[i]["image_id"], cfg.noise_sigma))
                                   for i in rows])
-            outputs = dict(zip(("tokens", "pooled", "logits"), backbone.forward(inputs)))
+            with pinned_threads(threads):  # the extraction's thread count (its kernels split work by it)
+                outputs = dict(zip(("tokens", "pooled", "logits"), backbone.forward(inputs)))
             for name, value in outputs.items():
                 expected = value.numpy().astype(np.float16)  # numpy's float16 rounding, as extraction used to
                 got = store.read(name, rows[0], rows[-1] + 1, view)

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from protocache.pipeline.extract import ExtractConfig, make_view, run_extract, run_extract_distributed
+from protocache.pipeline.extract import ExtractConfig, run_extract, run_extract_distributed
+from protocache.pipeline.transforms import make_view
 from protocache.stores import FeatureStore
 
 from test_extract import store_bytes, tiny_config

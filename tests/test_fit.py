@@ -76,6 +76,25 @@ def test_same_seed_gives_byte_identical_weights(name, store_path, tmp_path):
     assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
 
 
+def test_a_fit_gives_back_the_callers_thread_count(store_path, tmp_path):
+    """fit_head(threads=N) pins torch's threads (and asks for deterministic kernels) for the fit only:
+    after it, and after a fit that fails, the caller's settings are as they were."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(False)
+    try:
+        result = quick_fit("linear", store_path, tmp_path / "run", threads=1)
+        assert "1 threads" in (Path(result.run_dir) / runs.LOG).read_text()  # the fit ran pinned
+        assert torch.get_num_threads() == 2
+        assert not torch.are_deterministic_algorithms_enabled()  # the fit's own kernel choice, given back too
+        with pytest.raises(ProtocacheError):  # unknown key: fails inside the pinned block
+            F.fit_head("linear", store_path, tmp_path / "bad", {"no_such_key": 1}, F.FitConfig(threads=1))
+        assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=True)
+
+
 def test_streaming_with_one_shard_in_memory_gives_the_same_kind_of_run(store_path, tmp_path):
     store = FeatureStore.open(store_path)
     split = F.StoreSplit(store, "train", ("tokens", "label"), shards_in_memory=1)
@@ -206,7 +225,7 @@ def test_val_fraction_zero_is_the_old_code_path(name, store_path, tmp_path):
     from dataclasses import asdict
 
     from protocache.pipeline.heads import head_class, resolve_config, store_info
-    from protocache.pipeline.runtime import pin_threads, seed_everything
+    from protocache.pipeline.runtime import fit_settings, seed_everything
 
     result = quick_fit(name, store_path, tmp_path / "run", seed=2, val_fraction=0)
     m = result.metrics
@@ -218,11 +237,11 @@ def test_val_fraction_zero_is_the_old_code_path(name, store_path, tmp_path):
     store = FeatureStore.open(store_path)
     info = store_info(store)
     fit = F.FitConfig(seed=2, progress=False, threads=1, val_fraction=0)
-    pin_threads(1)
-    seed_everything(2)
-    head = head_class(name)(info, resolve_config(name, info, QUICK[name]))
-    head.train()
-    head.fit(F.FitContext(store, info, fit, torch.device("cpu"), lambda _: None))
+    with fit_settings(1):
+        seed_everything(2)
+        head = head_class(name)(info, resolve_config(name, info, QUICK[name]))
+        head.train()
+        head.fit(F.FitContext(store, info, fit, torch.device("cpu"), lambda _: None))
     old = head.state_dict()
     new = runs.load_tensors(Path(result.run_dir) / runs.WEIGHTS)
     assert old.keys() == new.keys()

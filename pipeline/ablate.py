@@ -26,6 +26,7 @@ is the one of the config that validation chose, never the best test accuracy.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -46,7 +47,7 @@ from protocache.stores.errors import ProtocacheError
 
 from .config import build_config, check_keys, check_values, read_yaml_mapping
 from .ablate_pass import EVAL_KEYS, PASS_KEYS, _eval_row, _result_row, run_group
-from .runtime import dask_client
+from .runtime import check_scheduler, dask_client, resolve_device
 
 # Config keys that change the batch schedule; points differing only in other keys share a pass.
 SCHEDULE_KEYS = ("epochs", "batch_size")
@@ -123,7 +124,10 @@ def read_grid(path: str | Path, seeds: Sequence[int] | None = None) -> tuple[lis
     if grid:
         keys = sorted(grid)
         configs += [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-    for c in data.get("configs") or []:
+    listed = data.get("configs") or []
+    if not isinstance(listed, list):
+        raise ProtocacheError(f"grid file {p}: `configs` is a list of config mappings, not {listed!r}")
+    for c in listed:
         if not isinstance(c, dict):
             raise ProtocacheError(f"grid file {p}: every entry of `configs` is a mapping")
         configs.append(dict(c))
@@ -132,6 +136,12 @@ def read_grid(path: str | Path, seeds: Sequence[int] | None = None) -> tuple[lis
     seed_list = parse_seeds(seeds, "--seeds") if seeds else parse_seeds(
         [0] if data.get("seeds") is None else data["seeds"], f"grid file {p}: `seeds:`")
     points = [AblatePoint(head, c, s) for c in configs for s in seed_list]
+    names = collections.Counter(point.name for point in points)
+    twice = sorted(name for name, count in names.items() if count > 1)
+    if twice:  # one run folder each: a repeated value, seed or config would train (and count) one point twice
+        raise ProtocacheError(f"grid file {p}: point {twice[0]} comes {names[twice[0]]} times"
+                              f"{f' (and {len(twice) - 1} more points repeat)' if len(twice) > 1 else ''}; "
+                              "list each value, seed and config once")
     # Validate every config (keys and types) and the fit options before any training starts.
     from .fit import FitConfig
     from .heads import head_class
@@ -151,11 +161,12 @@ def parse_seeds(value: Any, where: str) -> list[int]:
     """A list of seeds (integers >= 0); anything else, e.g. `seeds: 3` or `seeds: zero`, is an error saying
     what to write."""
     items = value if isinstance(value, (list, tuple)) else None
-    if not items or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in items):
-        one = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 7
+    if not items or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**63 for s in items):
+        one = value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63 else 7
         example = (f"--seeds {one} for the one seed {one}, --seeds 0,1,2 for three seeds" if where.startswith("--")
                    else f"`seeds: [{one}]` for the one seed {one}, `seeds: [0, 1, 2]` for three seeds")
-        raise ProtocacheError(f"{where} must be a non-empty list of integers >= 0, got {value!r}; e.g. {example}")
+        raise ProtocacheError(f"{where} must be a non-empty list of integers in [0, 2**63), got {value!r}; "
+                              f"e.g. {example}")
     return [int(s) for s in items]
 
 
@@ -216,9 +227,12 @@ def point_difference(run_dir: Path, point: AblatePoint, fit_options: dict[str, A
     from .runs import store_difference
 
     try:
-        config, _ = run_files.read_run(run_dir)
-    except ProtocacheError:
-        return NO_RUN
+        config, metrics = run_files.read_run(run_dir)
+    except ProtocacheError as exc:
+        return NO_RUN if not (Path(run_dir) / run_files.CONFIG).exists() else f"a damaged run ({exc})"
+    damage = run_files.run_damage(run_dir, metrics)
+    if damage:
+        return f"a damaged run ({damage})"
     recorded = config.get("ablate_point") or {}
     if _jsonable(recorded) != _jsonable({"head": point.head, "config": point.config, "seed": point.seed}):
         return f"fitted as another point ({_jsonable(recorded)})"
@@ -299,6 +313,8 @@ def _clock(seconds: float) -> str:
 def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     """Run (or resume) a sweep; writes OUT/results.parquet and OUT/summary.png."""
     cfg.validate()
+    check_scheduler(cfg.scheduler)
+    resolve_device(cfg.device)  # a device this machine lacks fails before any run folder is looked at
     points, file_fit = read_grid(cfg.grid_file, cfg.seeds)
     store = FeatureStore.open(cfg.store)
     missing = store.missing_shards()

@@ -93,7 +93,8 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file, never unpickling arbitrary objects."""
     if not path.is_file():
-        raise ProtocacheError(f"weights file {path} does not exist")
+        raise ProtocacheError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
+                              "pass the checkpoint file (.safetensors, .pth)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -107,8 +108,9 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - report any unreadable checkpoint the same way
-            raise ProtocacheError(f"cannot read {path} as a tensor checkpoint ({exc}); "
-                                  "protocache reads .safetensors or torch files saved as a state dict") from exc
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+            raise ProtocacheError(f"cannot read {path} as a tensor checkpoint ({why}); "
+                                  "protocache reads .safetensors or torch files saved as a state dict") from None
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
@@ -141,10 +143,18 @@ def _check_model_name(name: str) -> None:
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
     if any(k.startswith("_blocks.") for k in state):
         state = remap_efficientnet_lite(state, model)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ProtocacheError(f"weights from {origin} do not fit this model:\n{str(exc)[:2000]}") from exc
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = sorted(k for k in own.keys() & state.keys() if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+        found = "; ".join(f"{what} {some(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                                      ("other shapes:", wrong)) if keys)
+        raise ProtocacheError(f"weights from {origin} do not fit {type(model).__name__} ({found}); pass the "
+                              "checkpoint of the backbone the store was extracted with")
+    model.load_state_dict(state, strict=True)
 
 
 def create_frozen_model(name: str, weights: str = "auto") -> tuple[torch.nn.Module, str]:

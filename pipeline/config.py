@@ -148,6 +148,7 @@ NON_NEGATIVE = Bound(">= 0", lambda v: v >= 0)
 POSITIVE = Bound("> 0", lambda v: v > 0)
 FRACTION = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
 BELOW_ONE = Bound("in [0, 1)", lambda v: 0 <= v < 1)
+SEED = Bound("in [0, 2**63)", lambda v: 0 <= v < 2**63)  # torch.manual_seed takes a signed 64-bit integer
 
 # What a numeric config field may hold, read from its name: the first pattern (fnmatch) that
 # matches wins. tests/test_config.py checks that every numeric field of every config has a rule.
@@ -184,7 +185,7 @@ VALUE_RULES: tuple[tuple[str, Bound], ...] = (
     ("top_prototypes", AT_LEAST_ONE),
     ("max_prototypes", NON_NEGATIVE),
     ("patch_px", AT_LEAST_ONE),
-    ("seed", NON_NEGATIVE),
+    ("seed", SEED),
     ("scale", AT_LEAST_ONE),  # bench --scale: images in the store
     # learning rates and loss weights
     ("lr", NON_NEGATIVE),
@@ -320,10 +321,19 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     p = Path(path).expanduser()
     if not p.exists():
         raise ProtocacheError(f"{what} {p} does not exist")
+    if p.is_dir():
+        raise ProtocacheError(f"{what} {p} is a folder; name the YAML file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ProtocacheError(f"{what} {p} is not UTF-8 text; save it as a UTF-8 YAML file") from None
     except yaml.YAMLError as exc:
-        raise ProtocacheError(f"{what} {p} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ProtocacheError(f"{what} {p} is not valid YAML{where}: {problem}") from None
+    except OSError as exc:
+        raise ProtocacheError(f"cannot read {what} {p} ({exc.strerror})") from None
     if not isinstance(data, dict):
         raise ProtocacheError(f"{what} {p} must hold a mapping of config keys")
     return {k: yaml_number(v) for k, v in data.items()}

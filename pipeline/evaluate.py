@@ -146,8 +146,8 @@ def _evaluate(head, store: FeatureStore, cfg: EvaluateConfig) -> tuple[dict[str,
     head = head.to(device).eval()
     class_names = store.attrs.get("class_names", [])
     num_classes = int(store.attrs.get("num_classes") or len(class_names))
-    if cfg.split not in set(store.metadata().column("split").to_pylist()):
-        raise ProtocacheError(f"{store.path} has no split {cfg.split!r}")
+    store.require_split(cfg.split, "--split")
+    store.require_split(cfg.drift_split, "--drift-split")
     mconf = metric_config(store, cfg.metric)
     input_size = tuple(mconf["input_size"])
     keypoints = _keypoints(store)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from protocache.stores.errors import ProtocacheError
-from protocache.stores.owned import replace_file
+from protocache.stores.owned import read_json_dict, replace_file
 
 from .config import check_values
 
@@ -62,9 +62,13 @@ class ExportConfig:
         if self.format not in FORMATS:
             raise ProtocacheError(f"export: --format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         out = Path(self.out).expanduser()
-        if out.is_dir():
+        if out.is_dir() or self.out.endswith(("/", os.sep)):
             raise ProtocacheError(f"export: --out {self.out} is a folder; name the program file, e.g. "
                                   f"--out {Path(self.out) / 'model.pt2'}")
+        for path, ours in ((out, is_exported_program), (sidecar_path(out), is_export_sidecar)):
+            if path.exists() and not ours(path):  # a re-export replaces only what export wrote
+                raise ProtocacheError(f"export: {path} exists and was not written by `protocache export`, so it "
+                                      "is not replaced; choose another --out (or move that file away)")
         folder = out.absolute().parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
@@ -86,6 +90,28 @@ class ExportResult:
     max_abs_difference: float
     """Largest |logit difference| of the saved program, loaded back, against load_model on example images."""
     seconds: float
+
+
+def sidecar_path(out: Path) -> Path:
+    """OUT.json: the program's metadata beside it."""
+    return out.with_name(out.name + ".json")
+
+
+def is_exported_program(path: Path) -> bool:
+    """A program file export wrote: a zip archive (torch.export and TorchScript alike) holding EXTRA_FILE."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.rsplit("/", 1)[-1] == EXTRA_FILE for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def is_export_sidecar(path: Path) -> bool:
+    """An OUT.json export wrote: a JSON object with its "format", "load" and "class_names"."""
+    data = read_json_dict(path)
+    return data is not None and {"format", "load", "class_names"} <= data.keys()
 
 
 def example_images(model, n: int = 2) -> torch.Tensor:
@@ -124,8 +150,8 @@ def _torch_export(model, example: torch.Tensor):
 
 
 def _loaded_difference(path: Path, fmt: str, model, example: torch.Tensor) -> float:
-    with torch.inference_mode():
-        program = torch.export.load(str(path)).module() if fmt == "torch.export" else torch.jit.load(str(path))
+    with torch.inference_mode(), open(path, "rb") as fh:  # (an open file: torch.export.load warns on names not *.pt2)
+        program = torch.export.load(fh).module() if fmt == "torch.export" else torch.jit.load(fh)
         got = program(example)
         want = model(example)
     return float((got.float() - want.float()).abs().max())
@@ -166,11 +192,12 @@ def export_run(cfg: ExportConfig) -> ExportResult:
                 program = torch.jit.trace(model, example, check_trace=False)
         info = metadata(model, fmt, reason)
         text = json.dumps(info, indent=2)
-        if fmt == "torch.export":
-            replace_file(out, lambda tmp: torch.export.save(program, str(tmp), extra_files={EXTRA_FILE: text}))
+        if fmt == "torch.export":  # (its temporary file ends in .pt2, the suffix torch.export.save expects)
+            replace_file(out, lambda tmp: torch.export.save(program, str(tmp), extra_files={EXTRA_FILE: text}),
+                         suffix=".pt2")
         else:
             replace_file(out, lambda tmp: torch.jit.save(program, str(tmp), _extra_files={EXTRA_FILE: text}))
-        sidecar = out.with_name(out.name + ".json")
+        sidecar = sidecar_path(out)
         replace_file(sidecar, lambda tmp: tmp.write_text(text))
         difference = _loaded_difference(out, fmt, model, example_images(model, 3))  # another batch size
     return ExportResult(str(out), str(sidecar), fmt, reason if fmt != "torch.export" else None, difference,

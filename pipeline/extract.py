@@ -27,7 +27,7 @@ from .backbones import DEFAULT_BACKBONE, Backbone, BackboneConfig
 from .config import check_values
 from .datasets import Dataset, create_dataset
 from .extract_loop import extract_shards
-from .runtime import dask_client, pin_threads, pinned_threads
+from .runtime import check_scheduler, dask_client, pin_threads, pinned_threads
 from .transforms import (NOISE_SIGMA, noise_definition,
                          noise_sigma_pixels, preprocessing_config, resolve_resize)
 
@@ -160,6 +160,8 @@ def store_layout_and_attrs(cfg: ExtractConfig, dataset: Dataset, backbone: Backb
     compression = compression or choose_compression(cfg.compression)  # auto without a probe: none
     shard_size = cfg.shard_size or default_shard_size(backbone.grid[0] * backbone.grid[1], backbone.dim,
                                                       cfg.chunk_size)
+    if cfg.shard_size:  # a shard past the last image holds nothing but padding (pooled, logits: one chunk a shard)
+        shard_size = min(shard_size, -(-len(dataset) // cfg.chunk_size) * cfg.chunk_size)
     if shard_size % cfg.chunk_size:
         raise ProtocacheError(f"--shard-size {shard_size} must be a multiple of the chunk size {cfg.chunk_size}")
     layout = StoreLayout(num_images=len(dataset), grid=backbone.grid, dim=backbone.dim,
@@ -327,19 +329,21 @@ def run_extract_distributed(cfg: ExtractConfig, scheduler: str | None = None, wo
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    with pinned_threads(cfg.threads):  # the probe forward here computes as the workers do
-        store, _, _ = prepare_store(cfg)
-    todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
-    total = store.layout.num_shards
-    if not todo:
-        return _nothing_to_do(store, started)
-    store.remove_partial_writes()
-    # Workers open the store by path, so it must be one they can all reach.
-    task_cfg = replace(cfg, out=str(store.path.resolve()) if store.is_local else store.location, overwrite=False,
-                       root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None)
-    bad: list[str] = []
-    images = 0
-    with dask_client(scheduler, workers) as client:
+    cfg.validate()
+    check_scheduler(scheduler)
+    with dask_client(scheduler, workers) as client:  # a cluster that cannot be reached fails before the store is made
+        with pinned_threads(cfg.threads):  # the probe forward here computes as the workers do
+            store, _, _ = prepare_store(cfg)
+        todo = shards_to_write(store, cfg.repair, _log)  # missing + damaged (see stores/shards.py)
+        total = store.layout.num_shards
+        if not todo:
+            return _nothing_to_do(store, started)
+        store.remove_partial_writes()
+        # Workers open the store by path, so it must be one they can all reach.
+        task_cfg = replace(cfg, out=str(store.path.resolve()) if store.is_local else store.location, overwrite=False,
+                           root=str(Path(cfg.root).expanduser().resolve()) if cfg.root else None)
+        bad: list[str] = []
+        images = 0
         t0 = time.perf_counter()
         futures = client.map(extract_shard_task, [task_cfg] * len(todo), todo, retries=retries, pure=False)
         with tqdm(total=len(todo), unit="shard", desc=f"extract {store.name}", disable=not cfg.progress,

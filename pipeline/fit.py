@@ -49,7 +49,7 @@ from .sources import ArraySplit, Batches, MappedSplit, StoreSplit, derive, epoch
 from .sources import backbone_labelled, with_backbone_labels
 from .validation import VAL_ROWS, Validation, check_val_fraction, store_with_validation, validation_split  # noqa: F401
 
-RUN_FORMAT = 1
+RUN_FORMAT = run_files.RUN_FORMAT
 
 
 @dataclass

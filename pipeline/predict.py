@@ -23,6 +23,7 @@ predictions; DIR must be missing, empty or an earlier predict output (`predict.j
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -152,6 +153,12 @@ class _ImageItems(torch.utils.data.Dataset):
             return index, torch.zeros(*self.input_size, 3, dtype=torch.uint8), False, reason[:500]
 
 
+def printable_path(path: str | Path) -> str:
+    """The path as text the Parquet table and the page can hold: bytes of a file name that are not UTF-8
+    (which Python keeps as lone surrogates) are written as backslash escapes (`bad\\xff.png`)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
 def _table(paths: list[str | None], ok: np.ndarray, reasons: list[str], classes: np.ndarray, probs: np.ndarray,
            top_logit: np.ndarray, class_names: Sequence[str]):
     import pyarrow as pa
@@ -205,7 +212,7 @@ def predict_items(model, items: Sequence[Any], top_k: int = 5, batch_size: int =
                 classes[rows], probs[rows] = c.cpu().numpy(), p.cpu().numpy()
                 top_logit[rows] = logits.gather(1, c[:, :1])[:, 0].cpu().numpy()
             bar.update(len(index))
-    paths = [str(item) if isinstance(item, (str, Path)) else None for item in items]
+    paths = [printable_path(item) if isinstance(item, (str, Path)) else None for item in items]
     return _table(paths, ok, reasons, classes, probs, top_logit, model.class_names)
 
 
@@ -246,7 +253,7 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
         seconds = time.perf_counter() - t0
         bad = int(len(files) - sum(table.column("ok").to_pylist()))
         pq.write_table(table, staging / PREDICTIONS)
-        explained = page.write(table, staging) if page is not None else None
+        explained = page.write(table, staging, files) if page is not None else None
         summary = {"run": str(model.run_dir.resolve()), "head": model.run_config["head"],
                    "backbone": model.fingerprint["backbone"], "weights_sha256": model.weights_sha256,
                    "precision": model.precision, "device": str(model.device), "images": len(files),
@@ -264,8 +271,6 @@ def run_predict(cfg: PredictConfig) -> PredictResult:
 
 def format_predictions(table, limit: int = 20) -> str:
     """A short text table: path, top class and its probability (or why a file was unreadable)."""
-    import os
-
     rows = table.to_pylist()
     shown = rows[:limit]
     given = [os.path.abspath(r["path"]) for r in shown if r["path"] is not None]

@@ -48,6 +48,12 @@ def store_difference(config: dict[str, Any], store: Any) -> str | None:
 def check_run_store(run_dir: str | Path, config: dict[str, Any], store: Any) -> None:
     """Raise RunMismatch unless `store` still has the fingerprint run `run_dir` was fitted on."""
     difference = store_difference(config, store)
+    fitted_on = (config.get("store") or {}).get("path")
+    if difference and fitted_on and str(fitted_on) != str(getattr(store, "path", "")) and \
+            Path(str(fitted_on)).resolve() != Path(str(store.path)).resolve():
+        raise run_files.RunMismatch(
+            f"{run_dir} was fitted on another store ({fitted_on}), not on {store.path} (fingerprint fields that "
+            f"differ: {difference}); use a run fitted on {store.path}, or refit the run on it (`protocache fit-head`)")
     if difference:
         raise run_files.RunMismatch(
             f"{run_dir} was fitted on {store.path} before it was re-extracted with other inputs, so its head "
@@ -66,6 +72,10 @@ def open_run_store(run_dir: str | Path, config: dict[str, Any] | None = None, st
         path = (config.get("store") or {}).get("path")
         if not path:
             raise ProtocacheError(f"{run_dir}/config.json names no store path; refit the run (`protocache fit-head`)")
+        if "://" not in str(path) and not Path(path).exists():  # (a store on object storage says for itself)
+            raise ProtocacheError(f"{run_dir} was fitted on the store at {path}, which is not there any more: move "
+                                  "the store back there, or refit the run on it where it is now "
+                                  "(`protocache fit-head`)")
         store = FeatureStore.open(path)
     check_run_store(run_dir, config, store)
     return run_splits(run_dir, store, config)
@@ -83,7 +93,10 @@ def val_rows(run_dir: str | Path, config: dict[str, Any] | None = None) -> np.nd
     if not path.exists():
         raise ProtocacheError(f"{path} is missing: the run's validation rows are gone; refit the run "
                               "(`protocache fit-head`)")
-    return np.load(path, allow_pickle=False)
+    rows = run_files.read_run_file(path, Path(run_dir), lambda p: np.load(p, allow_pickle=False))
+    if rows.ndim != 1 or rows.dtype.kind not in "iu":
+        raise ProtocacheError(f"{path} is damaged (not a list of row numbers); refit the run (`protocache fit-head`)")
+    return rows
 
 
 def run_splits(run_dir: str | Path, store: Any, config: dict[str, Any] | None = None) -> Any:

@@ -84,6 +84,21 @@ def pinned_threads(threads: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+def check_scheduler(scheduler: str | None) -> None:
+    """A --scheduler address dask can parse (tcp://HOST:PORT), or None; else one line saying so."""
+    if not scheduler:
+        return
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(scheduler)
+        if scheme in ("tcp", "tls", "ucx", "ws", "wss"):
+            parse_host_port(location)
+    except ValueError as exc:
+        raise ProtocacheError(f"bad --scheduler {scheduler!r} ({exc}); give the scheduler's address, "
+                              "e.g. tcp://10.0.0.5:8786") from None
+
+
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None) -> Iterator["object"]:
     """A dask.distributed client: on the running cluster at `scheduler`, or on a local cluster of
@@ -92,7 +107,13 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
 
     cluster = None
     if scheduler:
-        client = Client(scheduler)
+        check_scheduler(scheduler)
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise ProtocacheError(f"cannot reach the dask scheduler at {scheduler} ({str(exc).splitlines()[0][:120]}); "
+                                  "start it (`dask scheduler`, and workers with `dask worker ADDRESS`) or check "
+                                  "--scheduler") from None
     else:
         cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
                                dashboard_address=None)

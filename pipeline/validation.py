@@ -70,6 +70,9 @@ def carve_validation(train_rows: np.ndarray, labels: np.ndarray, fraction: float
     if rows.size == 0:
         raise ProtocacheError("cannot carve a validation split: every class has a single train image; "
                               "pass --val-fraction 0 (fit option val_fraction: 0)")
+    if len(rows) - int(np.ceil(fraction * len(rows))) < 1:
+        raise ProtocacheError(f"val_fraction {fraction} of {len(rows)} train images leaves none to train on; "
+                              "choose a smaller --val-fraction (e.g. 0.1), or 0 to train on the whole train split")
     state = int(seed) % 2**32
     try:
         _, val = train_test_split(rows, test_size=fraction, random_state=state, stratify=y)

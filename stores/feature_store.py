@@ -41,6 +41,29 @@ from .layout import (ATTRS_KEY, CLEAN, FORMAT_VERSION, StoreLayout, array_path, 
 __all__ = ["FeatureStore", "StoreLayout", "CLEAN", "FORMAT_VERSION", "default_shard_size"]
 
 
+def _checked_attrs(path: str | Path, attrs: Any) -> dict:
+    """The store's protocache attributes, with a layout that parses and a fingerprint mapping (else one error)."""
+    def damaged(what: str) -> ProtocacheError:
+        return ProtocacheError(f"{path} is damaged: its zarr.json attributes hold {what}; restore zarr.json from a "
+                               f"copy, or delete {path} and run `protocache extract` again")
+
+    if not isinstance(attrs, dict):
+        raise damaged(f"a {type(attrs).__name__} where the '{ATTRS_KEY}' mapping belongs")
+    for key in ("layout", "fingerprint"):
+        if not isinstance(attrs.get(key), dict):
+            raise damaged(f"no '{key}' mapping")
+    try:
+        layout = StoreLayout.from_json(attrs["layout"])
+    except (KeyError, TypeError, ValueError, ProtocacheError) as exc:
+        raise damaged(f"a layout that does not parse ({type(exc).__name__}: {str(exc)[:100]})") from None
+    numbers = {"num_images": layout.num_images, "dim": layout.dim, "shard_size": layout.shard_size,
+               "chunk_size": layout.chunk_size, "grid": min(layout.grid) if len(layout.grid) == 2 else 0}
+    bad = [k for k, v in numbers.items() if not isinstance(v, int) or v < 1]
+    if bad or not isinstance(layout.num_logits, int) or layout.num_logits < 0:
+        raise damaged(f"a layout with impossible numbers ({', '.join(bad) or 'num_logits'})")
+    return dict(attrs)
+
+
 class FeatureStore:
     """A cache of one backbone's tokens over one dataset (see the module docstring)."""
 
@@ -110,11 +133,37 @@ class FeatureStore:
         if not fs.exists(f"{root}/zarr.json"):
             raise StoreNotFound(f"no feature store at {path} (expected {root}/zarr.json); "
                                 "create one with `protocache extract`.")
-        group = zarr.open_group(zarr_store(str(path), read_only=(mode == "r")), mode=mode)
+        try:
+            group = zarr.open_group(zarr_store(str(path), read_only=(mode == "r")), mode=mode)
+        except zarr.errors.ContainsArrayError:
+            raise StoreNotFound(f"{path} is one array of a Zarr store, not a protocache store; pass the store's own "
+                                "folder (the one holding meta/ and tokens/)") from None
+        except (ValueError, KeyError, TypeError) as exc:  # zarr.json that is not valid JSON or Zarr metadata
+            raise ProtocacheError(f"{root}/zarr.json is damaged ({type(exc).__name__}: {str(exc)[:100]}): the store's "
+                                  "description (layout, fingerprint) cannot be read, though its shards may be whole; "
+                                  f"restore that file from a copy, or delete {path} and run `protocache extract` "
+                                  "again") from None
         attrs = group.attrs.get(ATTRS_KEY)
         if not attrs:
             raise StoreNotFound(f"{path} is a Zarr group but not a protocache store (no '{ATTRS_KEY}' attributes).")
-        return cls(path, group, dict(attrs))
+        store = cls(path, group, _checked_attrs(path, attrs))
+        store._check_arrays()
+        return store
+
+    def _check_arrays(self) -> None:
+        """Every array the layout names is there with the layout's row count (else one error naming it)."""
+        for name in array_paths(self.layout):
+            try:
+                rows = self.group[name].shape[0]
+            except (KeyError, ValueError, TypeError) as exc:  # a missing or unreadable array zarr.json
+                why = "missing" if isinstance(exc, KeyError) else f"unreadable ({type(exc).__name__})"
+                raise ProtocacheError(f"{self.path} is damaged: the array {name} ({name}/zarr.json) is {why}; "
+                                      f"restore it from a copy, or delete {self.path} and run `protocache extract` "
+                                      "again") from None
+            if rows != self.layout.num_images:
+                raise ProtocacheError(f"{self.path} is damaged: the array {name} has {rows} rows where the store's "
+                                      f"layout says {self.layout.num_images}; delete it and run `protocache extract` "
+                                      "again")
 
     # ------------------------------------------------------------------ shards
     @property
@@ -164,7 +213,7 @@ class FeatureStore:
             have = set(self.written_shards(refresh=True))
         missing = [i for i in needed if i not in have]
         if missing:
-            raise shards.missing_rows_error(self.path, missing, start, stop)
+            raise shards.missing_rows_error(self.path, self.layout, missing)
 
     def write_shard(self, shard_index: int, arrays: dict[str, dict[str, np.ndarray]],
                     rows: Sequence[dict[str, Any]] | pa.Table) -> None:
@@ -225,9 +274,17 @@ class FeatureStore:
         """All metadata rows in row order (raises if a shard is missing)."""
         if self._metadata is None:
             self.require_rows(0, self.num_images)
-            tables = [meta.read_part(self.fs, self.root, i) for i in range(self.layout.num_shards)]
+            tables = [self._metadata_part(i) for i in range(self.layout.num_shards)]
             self._metadata = pa.concat_tables(tables, promote_options="permissive")
         return self._metadata
+
+    def _metadata_part(self, shard: int) -> pa.Table:
+        try:
+            return meta.read_part(self.fs, self.root, shard)
+        except (OSError, pa.ArrowException) as exc:  # a damaged part: the shard's error, with the repair
+            start, stop = self.layout.shard_bounds(shard)
+            fault = shards.Fault(shard, "metadata", f"unreadable ({str(exc)[:100]})", None, (start, stop - 1))
+            raise shards.corrupt_error(self, [fault]) from None
 
     def labels(self) -> np.ndarray:
         return self.metadata().column("label").to_numpy()
@@ -243,6 +300,12 @@ class FeatureStore:
             ok = np.asarray(table.column("ok").to_pylist(), dtype=bool)
             rows = rows[ok[rows]]
         return rows
+
+    def require_split(self, split: str, option: str) -> None:
+        """Raise, naming the option and the splits the store has, unless it has `split`."""
+        splits = sorted(set(self.metadata().column("split").to_pylist()))
+        if split not in splits:
+            raise ProtocacheError(f"{self.path} has no split {split!r} ({option}); it has {', '.join(splits)}")
 
     def with_splits(self, splits: Sequence[str] | np.ndarray) -> "FeatureStore":
         """A read-only view of this store whose metadata `split` column is `splits` (one name per

@@ -4,6 +4,7 @@ Every folder protocache writes carries a mark that says so:
 
     feature store   zarr.json whose attributes hold "protocache"
     run folder      config.json with the run "format" key
+    exported model  a zip archive holding protocache.json, and OUT.json beside it (files, not folders)
     sweep folder    sweep.json
     report folder   report.json
 
@@ -105,11 +106,11 @@ def replace_dir(staging: str | Path, final: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def replace_file(path: str | Path, write) -> None:
+def replace_file(path: str | Path, write, suffix: str | None = None) -> None:
     """Write a file through a hidden temporary sibling: `write(tmp_path)` then rename over `path`.
-    The sibling keeps the suffix (`.model.tmp.pt2`), for writers that look at it."""
+    The sibling keeps the suffix (`.model.tmp.pt2`), or ends in `suffix`, for writers that look at it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix if suffix is None else suffix}")
     try:
         write(tmp)
         tmp.replace(path)

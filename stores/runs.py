@@ -19,6 +19,7 @@ reporting code can inspect runs without importing the heads.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +27,8 @@ from . import owned
 from .errors import ProtocacheError
 from .fingerprint import difference_line
 
+RUN_FORMAT = 1
+"""config.json's "format": the run folder layout this version writes and reads."""
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -74,6 +77,39 @@ def _json_default(obj: Any) -> Any:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def _refit(run_dir: Path) -> str:
+    return f"refit the run (`protocache fit-head ... --out {run_dir}`)"
+
+
+def read_run_file(path: Path, run_dir: Path, read):
+    """`read(path)`, with a damaged or unreadable run file reported in one line that says what to do."""
+    try:
+        return read(path)
+    except PermissionError:
+        raise ProtocacheError(f"cannot read {path}: permission denied; ask its owner to make it readable "
+                              f"(chmod a+r), or {_refit(run_dir)}") from None
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ProtocacheError(f"{path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); "
+                              f"{_refit(run_dir)}") from None
+
+
+def _check_run_config(config: Any, run_dir: Path) -> dict:
+    """config.json with the keys every reader of a run relies on, in the format this version reads."""
+    where = run_dir / CONFIG
+    if not isinstance(config, dict) or "format" not in config:
+        raise ProtocacheError(f"{where} is not a protocache run config; {_refit(run_dir)}")
+    if config["format"] != RUN_FORMAT:
+        raise ProtocacheError(f"{where} has run format {config['format']!r}; this protocache reads format "
+                              f"{RUN_FORMAT}: use the protocache version that wrote it, or {_refit(run_dir)}")
+    store = config.get("store")
+    missing = [k for k in ("head", "head_config", "store") if k not in config]
+    missing += [f"store.{k}" for k in ("path", "fingerprint", "info") if isinstance(store, dict) and k not in store]
+    if missing or not isinstance(store, dict) or not isinstance(config["head_config"], dict):
+        raise ProtocacheError(f"{where} is damaged (missing or malformed: {', '.join(missing) or 'store'}); "
+                              f"{_refit(run_dir)}")
+    return config
 
 
 def prepare_run_dir(run_dir: str | Path, store_path: str | Path, fingerprint: Mapping[str, Any], *,
@@ -129,16 +165,33 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping
     # between processes, so several keys would make the file header differ run to run.
     header = {"protocache": json.dumps(dict(metadata or {}), sort_keys=True)} if metadata else None
     save_file(clean, str(tmp), metadata=header)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates it owner-only; a run's files share one mode
     tmp.replace(path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def load_tensors(path: str | Path) -> dict[str, Any]:
+    """The tensors of a safetensors file; a missing, unreadable or damaged file is one ProtocacheError."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.exists():
         raise ProtocacheError(f"no weights at {path}; is this a finished run folder?")
-    return load_file(str(path))
+
+    def load(p: Path) -> dict[str, Any]:
+        try:
+            return load_file(str(p))
+        except (OSError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type: a header or size that does not add up
+            raise ValueError(str(exc)) from None
+
+    return read_run_file(path, path.parent, load)
 
 
 def read_run(run_dir: str | Path) -> tuple[dict, dict]:
@@ -150,7 +203,27 @@ def read_run(run_dir: str | Path) -> tuple[dict, dict]:
     if missing:
         raise ProtocacheError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); "
                               "fit one with `protocache fit-head`.")
-    return read_json(run_dir / CONFIG), read_json(run_dir / METRICS)
+    config = _check_run_config(read_run_file(run_dir / CONFIG, run_dir, read_json), run_dir)
+    metrics = read_run_file(run_dir / METRICS, run_dir, read_json)
+    if not isinstance(metrics, dict):
+        raise ProtocacheError(f"{run_dir / METRICS} is damaged (not a JSON object); {_refit(run_dir)}")
+    return config, metrics
+
+
+def run_damage(run_dir: str | Path, metrics: dict) -> str | None:
+    """What is wrong with a run that `read_run` reads (None: nothing): metrics without the accuracies a
+    finished fit records, or a weights file whose header does not fit its size. Reads the header only."""
+    from safetensors import safe_open
+
+    lost = [k for k in ("train_accuracy", "val_accuracy", "test_accuracy") if k not in metrics]
+    if lost:
+        return f"{METRICS} has no {', '.join(lost)}"
+    try:
+        with safe_open(str(Path(run_dir) / WEIGHTS), "pt"):
+            pass
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type, and OSError
+        return f"{WEIGHTS} cannot be read: {str(exc)[:100]}"
+    return None
 
 
 class RunLog:

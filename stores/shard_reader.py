@@ -249,12 +249,12 @@ class ShardReader:
         try:
             fd = os.open(f"{self.store.root}/{key}", os.O_RDONLY)
         except FileNotFoundError:
-            raise shards.missing_rows_error(self.store.path, [shard], start, stop) from None
+            raise shards.missing_rows_error(self.store.path, self.store.layout, [shard]) from None
         try:
             plan = _Plan(self, shard, out, fd)
             size = os.fstat(fd).st_size
             if size == 0:  # an empty file counts as missing, never as zeros
-                raise shards.missing_rows_error(self.store.path, [shard], start, stop)
+                raise shards.missing_rows_error(self.store.path, self.store.layout, [shard])
             self._plan_runs(plan, self._chunk_table(plan, size), size)
             return plan
         except BaseException:

@@ -89,9 +89,15 @@ def written_shard_set(group: zarr.Group, fs, root: str, layout: StoreLayout) -> 
     return {i for i in parts if i < layout.num_shards and shard_is_written(group, fs, root, layout, i)}
 
 
-def missing_rows_error(path, missing: list[int], start: int, stop: int) -> MissingShardError:
+def missing_rows_error(path, layout: StoreLayout, missing: list[int]) -> MissingShardError:
+    """Shards that are not written, each with the rows it holds."""
+    def rows(shard: int) -> str:
+        start, stop = layout.shard_bounds(shard)
+        return f"{shard} (rows {start}..{stop - 1})"
+
+    shown = ", ".join(rows(s) for s in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
     return MissingShardError(
-        f"{path}: shard(s) {missing} (rows {start}..{stop - 1}) are not written. "
+        f"{path}: shard{'s' if len(missing) > 1 else ''} {shown} {'are' if len(missing) > 1 else 'is'} not written. "
         "Re-run the same `protocache extract` command to complete the store."
     )
 

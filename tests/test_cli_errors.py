@@ -133,12 +133,19 @@ def test_explain_numbers_and_unwritable_folder(run_dir, tmp_path, capsys, monkey
 
 
 @pytest.mark.parametrize("grid, message", [
-    ("head: linear\nseeds: 3\n", r"`seeds:` must be a non-empty list of integers >= 0, got 3; e\.g\. `seeds: \[3\]`"),
-    ("head: linear\nseeds: zero\n", r"`seeds:` must be a non-empty list of integers >= 0, got 'zero'"),
+    ("head: linear\nseeds: 3\n",
+     r"`seeds:` must be a non-empty list of integers in \[0, 2\*\*63\), got 3; e\.g\. `seeds: \[3\]`"),
+    ("head: linear\nseeds: zero\n", r"`seeds:` must be a non-empty list of integers in \[0, 2\*\*63\), got 'zero'"),
     ("head: linear\nfit:\n  epoch: 2\n", r"unknown config key\(s\) 'epoch' for `fit:` .*did you mean 'epochs'"),
     ("head: linear\nfit:\n  epochs: zero\n", r"`fit:` \(grid file .*\) option 'epochs' expects int, got 'zero'"),
     ("head: linear\nfit:\n  val_fraction: 2\n", r"option 'val_fraction' must be a number in \[0, 1\), got 2\.0"),
     ("head: linear\ngrid:\n  lr: [0.1, -1]\n", r"config key 'lr' must be a number >= 0, got -1\.0"),
+    ("head: linear\nseeds: [99999999999999999999]\n", r"`seeds:` must be .* in \[0, 2\*\*63\)"),
+    ("head: linear\nconfigs: 5\n", r"`configs` is a list of config mappings, not 5"),
+    # one run folder per point: a repeated value or seed would train one point twice and count it twice
+    ("head: linear\ngrid:\n  lr: [0.1, 0.1]\n", r"point linear-lr=0\.1-seed=0 comes 2 times; list each value"),
+    ("head: linear\nseeds: [0, 0]\n", r"point linear-seed=0 comes 2 times"),
+    ("head: linear\ngrid:\n  lr: [\n", r"is not valid YAML at line 4, column 1: expected the node content"),
     # only known once resolved against the store: still refused before the first fit
     ("head: protopool\ngrid:\n  slots_per_class: [2, 50]\n  num_prototypes: [20]\n",
      r"grid point protopool-num_prototypes=20-slots_per_class=50-seed=0: .*slots_per_class 50 > num_prototypes 20"),
@@ -148,6 +155,14 @@ def test_ablate_grid_is_checked_whole_before_any_fit(store_path, tmp_path, capsy
     code, _, err = run_cli(["ablate", "--store", store_path, "--grid", tmp_path / "g.yaml",
                             "--out", tmp_path / "sweep"], capsys)
     assert_one_error(code, err, message)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_grid_file_that_is_not_utf8_or_a_file(store_path, tmp_path, capsys):
+    (tmp_path / "g.yaml").write_bytes(b"\x00\xff\xfe")
+    base = ["ablate", "--store", store_path, "--out", tmp_path / "sweep", "--grid"]
+    assert_one_error(*run_cli(base + [tmp_path / "g.yaml"], capsys)[::2], r"g\.yaml is not UTF-8 text")
+    assert_one_error(*run_cli(base + [tmp_path], capsys)[::2], r"grid file .* is a folder; name the YAML file")
     assert not (tmp_path / "sweep").exists()
 
 

@@ -60,6 +60,12 @@ def test_the_scan_is_kept_reused_and_redone_when_an_input_changes(run):
     again = kept_scan_training(head, store, "train", 3, 16, CPU, run)[0]
     assert np.array_equal(again.rows, planted["rows"]) and not np.array_equal(again.rows, fresh[0].rows)
 
+    # a file edited under its key so that it holds rows the split does not have (or another shape): scanned again
+    for name, bad in (("rows", np.full_like(planted["rows"], 999_999)), ("cells", planted["cells"][:, :1])):
+        save_keyed(kept, json.loads(key_text), {**planted, name: bad})
+        again = kept_scan_training(head, store, "train", 3, 16, CPU, run)[0]
+        assert np.array_equal(again.rows, fresh[0].rows) and np.array_equal(again.cells, fresh[0].cells), name
+
     # other weights (a head with one code changed): another key, so a new scan, and the file is replaced
     with torch.no_grad():
         next(head.parameters()).add_(1.0)

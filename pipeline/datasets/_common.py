@@ -4,6 +4,7 @@ root checks, listing image files, annotation text files and the seeded stratifie
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,7 +19,10 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff",
 def load_image(record: dict[str, Any]) -> Image.Image:
     """Open the record's image file, decoded and turned upright in RGB by `to_rgb` (module-level, so
     DataLoader workers can pickle it)."""
-    with Image.open(record["path"]) as image:
+    path = record["path"]
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the reader forever, a device never end
+        raise ValueError(f"{path} is not a regular file")
+    with Image.open(path) as image:
         image.load()  # decode now and release the file handle
         return to_rgb(image)
 

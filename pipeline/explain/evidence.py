@@ -166,7 +166,7 @@ def kept_scan_training(head, store: FeatureStore, split: str, k: int, batch_size
            "rows_sha256": hashlib.sha256(rows.tobytes() + labels.tobytes()).hexdigest()}
     path = Path(run_dir) / f"scan-{split}-k{int(k)}.npz"
     kept = load_keyed(path, key)
-    if kept is not None:
+    if kept is not None and _sound_scan(kept, head.prototype_count, int(k), rows, store.layout.num_tokens):
         top = TopImages(kept["values"].shape[0], int(k))
         top.values, top.rows, top.cells = kept["values"], kept["rows"], kept["cells"]
         return top, kept["importance"], int(kept["count"])
@@ -174,6 +174,16 @@ def kept_scan_training(head, store: FeatureStore, split: str, k: int, batch_size
     save_keyed(path, key, {"values": top.values, "rows": top.rows, "cells": top.cells, "importance": importance,
                            "count": np.asarray(n)})
     return top, importance, n
+
+
+def _sound_scan(kept: dict[str, np.ndarray], prototypes: int, k: int, rows: np.ndarray, cells: int) -> bool:
+    """Whether a kept scan holds what a scan of these rows gives (a file edited under its key is scanned again)."""
+    if not {"values", "rows", "cells", "importance", "count"} <= kept.keys():
+        return False
+    shape = (prototypes, min(k, len(rows)))
+    return (kept["values"].shape == kept["rows"].shape == kept["cells"].shape == shape
+            and kept["importance"].shape == (prototypes,) and bool(np.isin(kept["rows"], rows).all())
+            and bool(((kept["cells"] >= 0) & (kept["cells"] < cells)).all()))
 
 
 def used_prototypes(head, num_classes: int) -> tuple[list[int], dict[int, list[int]]]:

@@ -24,7 +24,7 @@ metadata, to reload the training images), so the store and its dataset must be r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from protocache.stores.errors import ProtocacheError
 
@@ -57,9 +57,9 @@ class PredictPage:
                                             model.device, model.run_dir)
         self.images.view(int(self.top.rows[0, 0]))  # the dataset is reachable (else: pass --root)
 
-    def write(self, table, out: Path) -> dict[str, Any]:
-        """Explain every readable row of `table` (predict's table, in order) into out/index.html + out/img/;
-        returns what the page holds."""
+    def write(self, table, out: Path, sources: Sequence[Any] | None = None) -> dict[str, Any]:
+        """Explain every readable row of `table` (predict's table, in order, of `sources`: the paths or images it
+        was made from; default: the table's paths) into out/index.html + out/img/; returns what the page holds."""
         model, names = self.model, self.model.class_names
         (out / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
         pictures = Pictures(self.store, self.images, out, bool(model.head.signed_evidence), self.drawing)
@@ -72,7 +72,8 @@ class PredictPage:
                 continue
             top_class = int(row["top_k_classes"][0])
             try:
-                evidence = model.explain(row["path"], top_prototypes=self.top_prototypes, label=top_class)
+                source = sources[index] if sources is not None else row["path"]
+                evidence = model.explain(source, top_prototypes=self.top_prototypes, label=top_class)
             except Exception as exc:  # noqa: BLE001 - a file that changed since it was predicted is listed, not a crash
                 unreadable.append({"index": index, "path": path, "reason": f"{type(exc).__name__}: {exc}"[:500]})
                 continue

@@ -50,10 +50,8 @@ def explain(head, store: FeatureStore, cfg: ExplainConfig, config: dict | None =
     """Write the report of `head` (fitted on `store`) to cfg.out; see the package docstring."""
     started = time.perf_counter()
     cfg.validate()
-    splits = set(store.metadata().column("split").to_pylist())
-    for name, split in (("--split", cfg.split), ("--train-split", cfg.train_split)):
-        if split not in splits:
-            raise ProtocacheError(f"{store.path} has no split {split!r} ({name}); it has {sorted(splits)}")
+    store.require_split(cfg.split, "--split")
+    store.require_split(cfg.train_split, "--train-split")
     device = resolve_device(cfg.device)
     head = head.to(device).eval()
     out = Path(cfg.out).expanduser()

@@ -36,7 +36,34 @@ def os_error_line(exc: OSError) -> str | None:
             "(or free space) and run the command again")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's time limit, `kill`): unwound like Ctrl-C, so staging folders are removed and
+    a shard being written is finished before the process exits."""
+
+
+_signals: list[int] = []  # SIGTERMs received (typer turns the interrupt into exit code 130, the cause lost)
+
+
+def _terminated(signum, frame) -> None:
+    _signals.append(signum)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
     except ProtocacheError as exc:
@@ -45,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        code = 130
     except OSError as exc:
         line = os_error_line(exc)
         if line is None:
@@ -60,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if code == 130:  # Ctrl-C, or SIGTERM (typer returns 130 for both)
+        typer.echo("terminated" if _signals else "aborted", err=True)
+        sys.exit(143 if _signals else 130)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -86,6 +86,8 @@ def _refit(run_dir: Path) -> str:
 def read_run_file(path: Path, run_dir: Path, read):
     """`read(path)`, with a damaged or unreadable run file reported in one line that says what to do."""
     try:
+        if path.exists() and not os.access(path, os.R_OK):  # (safetensors reports it as a missing file)
+            raise PermissionError(path)
         return read(path)
     except PermissionError:
         raise ProtocacheError(f"cannot read {path}: permission denied; ask its owner to make it readable "

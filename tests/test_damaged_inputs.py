@@ -207,3 +207,33 @@ def test_a_shard_size_past_the_dataset_is_cut_to_it(tmp_path):
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert store.layout.shard_size == 24 and store.is_complete  # 20 images in whole chunks of 8
     assert np.asarray(store.read("pooled", 0, 20)).shape[0] == 20
+
+
+def test_sigterm_removes_the_staging_folder_and_keeps_the_previous_output(linear_run, tmp_path):
+    """A job scheduler's SIGTERM unwinds like Ctrl-C: exit 143, one line, the previous predictions whole."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    command = [sys.executable, "-m", "protocache.cli.main", "predict", str(linear_run), str(folder),
+               "--out", str(tmp_path / "p"), "--no-progress"]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    before = digest(tmp_path / "p")
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = tmp_path / ".p.partial"
+    deadline = time.monotonic() + 120
+    while not staging.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert staging.exists(), "predict ended before it could be stopped"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 143 and err.strip().splitlines() == ["terminated"], err
+    assert not staging.exists() and digest(tmp_path / "p") == before

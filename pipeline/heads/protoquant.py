@@ -133,7 +133,10 @@ class ProtoQuant(Head):
         if config.prune_to and config.prune_to > config.codebook_size:
             raise ProtocacheError(f"protoquant: prune_to {config.prune_to} > codebook_size {config.codebook_size}")
         if config.prune_to and config.prune_to < max(1, config.topk_per_class):
-            raise ProtocacheError("protoquant: prune_to must leave at least topk_per_class codes")
+            raise ProtocacheError(f"protoquant: usage pruning would keep {config.prune_to} codes (prune_to, "
+                                  f"{config.codebook_size} codes x 3000/4096 unless set) but each class keeps up to "
+                                  f"{config.topk_per_class} (topk_per_class): raise codebook_size or prune_to, "
+                                  "or lower topk_per_class")
 
     @property
     def prototype_count(self) -> int:

@@ -103,3 +103,9 @@ def test_protoquant_teacher_is_the_backbone_classifier_when_classes_match(tmp_pa
     label_free = fit.fit_head("protoquant", store_path, tmp_path / "free", {**QUICK["protoquant"], "task_weight": 0},
                             fit.FitConfig(progress=False))
     assert "teacher" not in label_free.metrics  # online spherical k-means: no labels in stage 1
+
+
+def test_a_codebook_too_small_for_the_top_k_names_what_to_change():
+    with pytest.raises(ProtocacheError, match=r"usage pruning would keep 1 codes .* each class keeps up to 5 "
+                                              r"\(topk_per_class\): raise codebook_size or prune_to"):
+        make("protoquant", codebook_size=1)

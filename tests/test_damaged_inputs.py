@@ -237,3 +237,19 @@ def test_sigterm_removes_the_staging_folder_and_keeps_the_previous_output(linear
     _, err = child.communicate(timeout=120)
     assert child.returncode == 143 and err.strip().splitlines() == ["terminated"], err
     assert not staging.exists() and digest(tmp_path / "p") == before
+
+
+def test_a_dataset_file_name_that_is_not_utf8_is_one_line_before_the_store(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "tree" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "tree" / name / f"{i}.png")
+    with open(os.fsencode(tmp_path / "tree" / "cat") + b"/caf\xe9.png", "wb") as fh:  # latin-1 bytes
+        fh.write((tmp_path / "tree" / "cat" / "0.png").read_bytes())
+    code, _, err = run_cli(["extract", "--dataset", "folder", "--root", tmp_path / "tree", "--backbone",
+                            "test_efficientnet", "--weights", "random", "--out", tmp_path / "s.zarr", "--no-progress"],
+                           capsys)
+    assert_one_error(code, err, r"1 image path\(s\) under .* are not valid UTF-8, e\.g\. .*cat/caf\\xe9\.png; rename")
+    assert not (tmp_path / "s.zarr").exists()

@@ -218,6 +218,10 @@ def _scalar_types(hint: Any) -> list[Any] | None:
     return args if args and all(a in (int, float, bool, str) for a in args) else None
 
 
+def _allows_none(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
 def check_values(config: Any, what: str, *, flags: bool = False, noun: str = "config key") -> None:
     """Every scalar field of a config dataclass has its type, and every number its meaning's range
     (VALUE_RULES; non-finite floats are refused everywhere). The error names the field as a CLI
@@ -226,6 +230,11 @@ def check_values(config: Any, what: str, *, flags: bool = False, noun: str = "co
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if value is None:
+            hint = hints.get(f.name)
+            if _scalar_types(hint) is not None and not _allows_none(hint):  # e.g. FitConfig(seed=None)
+                expected = " or ".join(t.__name__ for t in _scalar_types(hint))
+                raise ProtocacheError(f"{_label(what, f.name, flags, noun)} expects {expected}, got None; "
+                                      f"{_suggestion(type(config), f.name, flags)}")
             continue
         types_ = _scalar_types(hints.get(f.name))
         if types_ is not None:

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -285,8 +285,17 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
     ablation's shared reader); `extra_config` is merged into config.json; `group` is the
     ablation read pass whose heads train together (FitContext.train).
     """
+    if isinstance(fit, Mapping):  # the options as a dict, as a YAML `fit:` block holds them
+        fit = build_config(FitConfig, dict(fit), "fit_head: fit", noun="option")
     fit = fit or FitConfig()
+    if not isinstance(fit, FitConfig):
+        raise ProtocacheError(f"fit_head: fit is a FitConfig (or a dict of its options), got {type(fit).__name__}")
+    if head_config is not None and not isinstance(head_config, Mapping):
+        raise ProtocacheError(f"fit_head: head_config is a dict of the head's config keys, got {head_config!r}")
+    if not isinstance(out, (str, Path)) or not str(out):
+        raise ProtocacheError(f"fit_head: out is the run folder to write (a path), got {out!r}")
     fit.validate()
+    resolve_device(fit.device)  # a device this machine lacks fails before the run folder is touched
     with fit_settings(fit.threads):  # the caller's thread count and kernel choice come back after the fit
         return _fit_head(name, store_path, out, head_config, fit, store=store, extra_config=extra_config,
                          replace=replace, group=group)

@@ -65,9 +65,11 @@ def _resolve_label(label: int | str | None, class_names: Sequence[str]) -> int |
         return None
     if isinstance(label, str) and label in class_names:
         return list(class_names).index(label)
-    if isinstance(label, str) and not label.isdigit():
+    if isinstance(label, str) and not (label.isascii() and label.isdigit()):
         raise ProtocacheError(f"unknown class {label!r}; the run's classes are {', '.join(class_names[:10])}"
                               + (" ..." if len(class_names) > 10 else ""))
+    if not isinstance(label, (str, int, np.integer)) or isinstance(label, bool):
+        raise ProtocacheError(f"label is a class index or name, got {label!r}")
     index = int(label)
     if not 0 <= index < len(class_names):
         raise ProtocacheError(f"class index {index} is out of range: the run has {len(class_names)} classes")
@@ -152,19 +154,34 @@ class ProtoModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Preprocessed images [N, 3, H, W] (see `preprocess`) -> logits [N, C], float32."""
+        self._check_input(images)
+        if images.dtype == torch.float64:  # (the backbone's autocast takes float32 and lower)
+            images = images.float()
         tokens, pooled = self.features(images)
         return self.classify(tokens, pooled).float()
 
     # ------------------------------------------------------------------ images in
+    def _check_input(self, images: Any) -> None:
+        """Preprocessed float images [N, 3, H, W] at the input size the head was fitted on, else one error
+        (a head scores features of other sizes without complaint, and wrongly)."""
+        h, w = self.input_size
+        if not isinstance(images, torch.Tensor):
+            raise ProtocacheError(f"the model takes a float tensor [N, 3, {h}, {w}] of preprocessed images, got a "
+                                  f"{type(images).__name__}; use model.predict or model.preprocess for images")
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, h, w) or not images.is_floating_point():
+            raise ProtocacheError(f"the model takes a float tensor [N, 3, {h}, {w}] of preprocessed images, got "
+                                  f"{images.dtype} {list(images.shape)}; model.preprocess(image) makes one image's")
+
     def input_view(self, image) -> tuple[torch.Tensor, Any]:
         """One image (file path, PIL image, or an already preprocessed [3, H, W] / [1, 3, H, W] tensor)
         -> ([1, 3, H, W] input, the model-input view as a PIL image, or None for a tensor)."""
         if isinstance(image, torch.Tensor):
             x = image if image.ndim == 4 else image[None]
-            if tuple(x.shape[1:]) != (3, *self.input_size):
-                raise ProtocacheError(f"expected a preprocessed image [3, {self.input_size[0]}, {self.input_size[1]}], "
-                                      f"got {list(image.shape)}; pass a path or a PIL image to preprocess it here")
-            return x, None
+            if tuple(x.shape[1:]) != (3, *self.input_size) or len(x) != 1 or not x.is_floating_point():
+                raise ProtocacheError(f"expected a preprocessed float image [3, {self.input_size[0]}, "
+                                      f"{self.input_size[1]}], got {image.dtype} {list(image.shape)}; pass a path or "
+                                      "a PIL image to preprocess it here")
+            return x.float(), None
         from torchvision.transforms import functional
 
         pixels = self.preprocess.pixels(decode_image(image))
@@ -175,8 +192,12 @@ class ProtoModel(nn.Module):
         """Top-k classes of image files and/or PIL images -> a pyarrow Table, one row per image in order:
         path (None for a PIL image), ok, reason, top_k_classes, top_k_names, top_k_probabilities, top_logit.
         A file that cannot be decoded is a row with ok = False and the reason."""
+        from PIL import Image
+
         from .predict import predict_items
 
+        if isinstance(images, (str, Path, Image.Image)):  # one image, not a sequence of characters
+            images = [images]
         return predict_items(self, list(images), top_k=top_k, batch_size=batch_size, num_workers=0)
 
     @torch.inference_mode()
@@ -190,6 +211,8 @@ class ProtoModel(nn.Module):
         of every class's logit."""
         from .explain.evidence import explain_images
 
+        if isinstance(top_prototypes, bool) or not isinstance(top_prototypes, (int, np.integer)) or top_prototypes < 1:
+            raise ProtocacheError(f"top_prototypes must be an integer >= 1, got {top_prototypes!r}")
         x, view = self.input_view(image)
         tokens, pooled = self.features(x)
         logits = self.classify(tokens, pooled).float()

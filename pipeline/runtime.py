@@ -22,8 +22,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise ProtocacheError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu")
     try:
         return torch.device(device)
-    except RuntimeError as exc:
-        raise ProtocacheError(f"bad --device {device!r} ({exc}); use auto, cpu, cuda or cuda:N") from None
+    except RuntimeError:
+        raise ProtocacheError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def seed_everything(seed: int) -> None:

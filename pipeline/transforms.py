@@ -175,17 +175,28 @@ class ModelInputTransform:
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """The model-input image in [0, 1], before any view and normalisation."""
-        return to_pixels(self.geometry(image.convert("RGB")))
+        return to_pixels(self.geometry(_rgb(image)))
 
     def pixels_uint8(self, image: Image.Image) -> torch.Tensor:
         """The model-input image as uint8 [H, W, 3]: what `pixels` holds before its division by 255."""
-        return torch.from_numpy(np.array(self.geometry(image.convert("RGB")), dtype=np.uint8))
+        return torch.from_numpy(np.array(self.geometry(_rgb(image)), dtype=np.uint8))
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return normalize(pixels, self.mean, self.std)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.pixels(image))
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """The loaders' one decode rule (`datasets._common.to_rgb`: alpha on white, 16-bit scaled), a no-op on
+    what they return; a PIL image handed in directly gets it too."""
+    if not isinstance(image, Image.Image):
+        raise ProtocacheError(f"expected a PIL image, got a {type(image).__name__}; decode files with "
+                              "protocache.pipeline.model.decode_image (or pass the path where a path is taken)")
+    from .datasets._common import to_rgb
+
+    return to_rgb(image)
 
 
 # ---------------------------------------------------------------------------- views

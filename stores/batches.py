@@ -42,11 +42,22 @@ def iter_batches(store: "FeatureStore", split: str | None = "train", batch_size:
     'pooled', 'logits') and the metadata columns 'label' and 'row'. Arrays come as float16
     numpy (or torch tensors with as_torch=True); every batch is a fresh array the caller owns.
     """
+    if isinstance(fields, str) or not fields:
+        raise ProtocacheError(f"fields is a non-empty list of names, e.g. ('tokens', 'label'), got {fields!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ProtocacheError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     fields = tuple(fields)
     unknown = [f for f in fields if f not in FIELDS]
     if unknown:
         raise ProtocacheError(f"unknown batch field {unknown[0]!r}; use tokens, pooled, logits, label or row")
-    rows_wanted = store.split_rows(split)
+    rows_wanted = store.split_rows(split)  # (an unknown split fails here, not at the first batch)
+    return _batches(store, rows_wanted, batch_size, fields, view, shuffle, seed, shards_in_memory, drop_last,
+                    as_torch, prefetch)
+
+
+def _batches(store: "FeatureStore", rows_wanted: np.ndarray, batch_size: int, fields: tuple[str, ...], view: str,
+             shuffle: bool, seed: int, shards_in_memory: int, drop_last: bool, as_torch: bool,
+             prefetch: bool) -> Iterator[dict[str, Any]]:
     s = store.layout.shard_size
     by_shard: dict[int, list[int]] = {}
     for r in rows_wanted.tolist():

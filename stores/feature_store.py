@@ -35,7 +35,7 @@ from . import owned
 from . import shards
 from .errors import FingerprintMismatch, MissingShardError, ProtocacheError, StoreNotFound
 from .fingerprint import compare_fingerprints, describe_difference, describe_layout_difference
-from .layout import (ATTRS_KEY, CLEAN, FORMAT_VERSION, StoreLayout, array_path, array_paths, create_arrays,
+from .layout import (ARRAY_NAMES, ATTRS_KEY, CLEAN, FORMAT_VERSION, StoreLayout, array_path, array_paths, create_arrays,
                      default_shard_size, layout_matches, stored_arrays, zarr_store)
 
 __all__ = ["FeatureStore", "StoreLayout", "CLEAN", "FORMAT_VERSION", "default_shard_size"]
@@ -62,6 +62,10 @@ def _checked_attrs(path: str | Path, attrs: Any) -> dict:
     if bad or not isinstance(layout.num_logits, int) or layout.num_logits < 0:
         raise damaged(f"a layout with impossible numbers ({', '.join(bad) or 'num_logits'})")
     return dict(attrs)
+
+
+STANDARD_SPLITS = ("train", "val", "test")
+"""Splits a reader may ask for on any store (empty where the store has none)."""
 
 
 class FeatureStore:
@@ -129,6 +133,8 @@ class FeatureStore:
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "FeatureStore":
+        if mode not in ("r", "r+"):
+            raise ProtocacheError(f"FeatureStore.open: mode is 'r' (read) or 'r+' (append shards), not {mode!r}")
         fs, root = fsspec.core.url_to_fs(str(path))
         if not fs.exists(f"{root}/zarr.json"):
             raise StoreNotFound(f"no feature store at {path} (expected {root}/zarr.json); "
@@ -251,17 +257,47 @@ class FeatureStore:
     def array(self, name: str, view: str = CLEAN) -> zarr.Array:
         if view not in self.views:
             raise ProtocacheError(f"{self.path} has no view {view!r}; it has {list(self.views)}")
+        if name not in ARRAY_NAMES:
+            raise ProtocacheError(f"{self.path} has no array {name!r}; its arrays are {', '.join(ARRAY_NAMES)} "
+                                  "(labels and splits are in `metadata()`)")
         if name == "logits" and not self.has_logits:
             raise ProtocacheError(f"{self.path} has no logits (the backbone has no classifier)")
         return self.group[array_path(name, view)]
 
+    def _check_range(self, start: Any, stop: Any) -> None:
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (start, stop)):
+            raise ProtocacheError(f"read: start and stop are row numbers (integers), got {start!r}, {stop!r}")
+        if start < 0 or stop > self.num_images:
+            raise ProtocacheError(f"read: rows {start}..{stop - 1} are outside {self.path}'s rows "
+                                  f"0..{self.num_images - 1}")
+
     def read(self, name: str, start: int, stop: int, view: str = CLEAN) -> np.ndarray:
-        self.require_rows(start, stop)
+        """Rows [start, stop) of array `name` (tokens, pooled, logits) of a view, as stored (float16)."""
+        self._check_range(start, stop)
         arr = self.array(name, view)
+        self.require_rows(start, stop)
         return shards.checked_read(self, array_path(name, view), start, stop, lambda: arr[start:stop])
 
+    def row_numbers(self, rows: Any) -> np.ndarray:
+        """`rows` as int64 store rows: a 1-D sequence of integers in 0..N-1, or a boolean mask of length N."""
+        given = np.asarray(rows)
+        if given.dtype == bool:
+            if given.shape != (self.num_images,):
+                raise ProtocacheError(f"a boolean row mask needs one entry per image ({self.num_images}), "
+                                      f"got shape {given.shape}")
+            return np.flatnonzero(given)
+        if given.ndim != 1 or (given.size and given.dtype.kind not in "iu"):
+            raise ProtocacheError(f"rows are a 1-D list of integer row numbers (or a boolean mask), got "
+                                  f"{given.dtype} of shape {given.shape}")
+        if given.size and (given.min() < 0 or given.max() >= self.num_images):
+            bad = given[(given < 0) | (given >= self.num_images)]
+            raise ProtocacheError(f"row {int(bad[0])} is outside {self.path}'s rows "
+                                  f"0..{self.num_images - 1}")
+        return given.astype(np.int64)
+
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray, view: str = CLEAN) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
+        """The given rows (any order, repeats allowed; or a boolean mask) of array `name`, as stored."""
+        rows = self.row_numbers(rows)
         if rows.size == 0:
             arr = self.array(name, view)
             return np.zeros((0,) + arr.shape[1:], dtype=arr.dtype)
@@ -290,10 +326,13 @@ class FeatureStore:
         return self.metadata().column("label").to_numpy()
 
     def split_rows(self, split: str | None) -> np.ndarray:
-        """Row indices of one split ('train', 'test', ...), or all rows for None."""
+        """Row indices of one split ('train', 'test', ...), or all rows for None. A split the store does
+        not have is empty if it is one of train/val/test (e.g. no val split), else an error (a typo)."""
         table = self.metadata()
         if split is None:
             return np.arange(self.num_images)
+        if split not in STANDARD_SPLITS:
+            self.require_split(split, "split")
         splits = np.asarray(table.column("split").to_pylist())
         rows = np.flatnonzero(splits == split)
         if "ok" in table.column_names:  # images that failed to decode carry no features

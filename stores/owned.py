@@ -235,6 +235,24 @@ def check_out_outside_root(out: str | Path, root: str | Path | None, option: str
                               "of its own outside the dataset.")
 
 
+def check_new_folder_place(path: Path, kind: str, option: str = "--out") -> None:
+    """Refuse a folder to be written under a file or inside a feature store (whose files `verify` and
+    `--overwrite` treat as the store's own)."""
+    for parent in Path(path).expanduser().absolute().parents:
+        if parent.is_file():
+            raise ProtocacheError(f"{option} {path}: {parent} is a file, so no {kind} can be written under it; "
+                                  f"choose another {option}")
+        if foreign_store_entries(_local_fs(), str(parent)) is not None:
+            raise ProtocacheError(f"{option} {path} is inside the feature store {parent}; write the {kind} to a "
+                                  f"folder of its own (e.g. runs/...)")
+
+
+def _local_fs():
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
 def refuse_foreign_folder(path: Path, kind: str, option: str = "--out") -> None:
     """The error for a non-empty folder that is not a `kind` protocache wrote."""
     raise ProtocacheError(f"{path} exists, is not empty and is not a {kind} (it holds "

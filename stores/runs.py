@@ -125,6 +125,7 @@ def prepare_run_dir(run_dir: str | Path, store_path: str | Path, fingerprint: Ma
     unrelated files. The fit is written with `begin_run` / `finish_run`.
     """
     run_dir = Path(run_dir).expanduser()
+    owned.check_new_folder_place(run_dir, "run folder")
     owned.restore_interrupted(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ProtocacheError(f"{run_dir} exists and is not a folder; choose another --out.")

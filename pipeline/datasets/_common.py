@@ -47,8 +47,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     - Everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``) goes
       through PIL's own conversion to RGB.
     """
+    if 0 in image.size:
+        raise ValueError(f"the image is {image.size[0]} x {image.size[1]} pixels: nothing to see")
     if image.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1):  # 1: upright already (no copy made then)
         image = ImageOps.exif_transpose(image)
+    if image.mode == "La":  # premultiplied alpha: PIL converts it to LA only
+        image = image.convert("LA")
     mode = image.mode
     if mode == "RGB" and "transparency" not in image.info:
         return image
@@ -60,7 +64,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if values.size and values.min() >= 0.0 and values.max() <= 1.0:
             values = values * 255.0
         return Image.fromarray(np.rint(values.clip(0, 255)).astype(np.uint8), mode="L").convert("RGB")
-    if mode in ("P", "L", "1", "RGB") and "transparency" in image.info or mode in ("PA", "La", "RGBa"):
+    if mode in ("P", "L", "1", "RGB") and "transparency" in image.info or mode in ("PA", "RGBa"):
         image = image.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA"):

@@ -22,7 +22,7 @@ import torch
 
 from protocache.stores import FeatureStore
 from protocache.stores.errors import ProtocacheError
-from protocache.stores.runs import read_run, write_json
+from protocache.stores.runs import WEIGHTS, read_run, write_json
 
 from . import metrics as M
 from .config import check_values
@@ -98,6 +98,15 @@ def metric_config(store: FeatureStore, cfg: M.MetricConfig) -> dict[str, Any]:
             "noise_sigma_pixels": store.attrs.get("noise_sigma_pixels"), "drift_top_k": cfg.drift_top_k}
 
 
+def _weights_identity(run_dir: Path) -> tuple[int, int, int] | None:
+    """Which weights file RUN holds now (inode, size, mtime): a re-fit swaps in another."""
+    try:
+        st = (run_dir / WEIGHTS).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, head: Head | None = None) -> dict[str, Any]:
     """Evaluate RUN on cfg.split of its store; writes RUN/eval-<split>.json, the evidence rows under
     RUN/eval-<split>/ (and the confusion matrix as RUN/confusion-<split>.png) and returns the results.
@@ -105,12 +114,16 @@ def evaluate_run(run_dir: str | Path, cfg: EvaluateConfig | None = None, head: H
     cfg = cfg or EvaluateConfig()
     cfg.validate()
     run_dir = Path(run_dir)
+    fitted = _weights_identity(run_dir)  # a re-fit swapped in meanwhile must not get this head's results
     if head is None:
         head, config, run_metrics = load_run(run_dir, device=cfg.device)
     else:
         config, run_metrics = read_run(run_dir)
     store = open_run_store(run_dir, config)  # refused if re-extracted since the fit; "val": the fit's rows
     results, evidence = _evaluate(head, store, cfg)
+    if _weights_identity(run_dir) != fitted:
+        raise ProtocacheError(f"{run_dir} was fitted again while it was being evaluated, so these results describe "
+                              "the head it held before and were not written; evaluate it again")
     results = {"run": str(run_dir), **results}
     if "local_size_before_topk" in run_metrics:
         results["local_size_before_topk"] = run_metrics["local_size_before_topk"]

@@ -296,9 +296,12 @@ def fit_head(name: str, store_path: str | Path, out: str | Path, head_config: di
         raise ProtocacheError(f"fit_head: out is the run folder to write (a path), got {out!r}")
     fit.validate()
     resolve_device(fit.device)  # a device this machine lacks fails before the run folder is touched
-    with fit_settings(fit.threads):  # the caller's thread count and kernel choice come back after the fit
-        return _fit_head(name, store_path, out, head_config, fit, store=store, extra_config=extra_config,
-                         replace=replace, group=group)
+    try:
+        with fit_settings(fit.threads):  # the caller's thread count and kernel choice come back after the fit
+            return _fit_head(name, store_path, out, head_config, fit, store=store, extra_config=extra_config,
+                             replace=replace, group=group)
+    finally:
+        run_files.end_run(out)  # (a no-op after finish_run; after a failure the staging folder is unlocked)
 
 
 def _fit_head(name: str, store_path: str | Path, out: str | Path, head_config: dict[str, Any] | None,

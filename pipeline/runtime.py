@@ -84,6 +84,19 @@ def pinned_threads(threads: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+WAIT_FOR_WORKERS_S = 60
+"""How long a run on an existing cluster waits for its first worker."""
+
+
+def _cluster_errors() -> tuple[type[BaseException], ...]:
+    """The dask errors of a cluster that fails under its tasks (scheduler gone, workers killed)."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    return FutureCancelledError, KilledWorker, CommClosedError
+
+
 def check_scheduler(scheduler: str | None) -> None:
     """A --scheduler address dask can parse (tcp://HOST:PORT), or None; else one line saying so."""
     if not scheduler:
@@ -114,12 +127,22 @@ def dask_client(scheduler: str | None = None, workers: int | None = None) -> Ite
             raise ProtocacheError(f"cannot reach the dask scheduler at {scheduler} ({str(exc).splitlines()[0][:120]}); "
                                   "start it (`dask scheduler`, and workers with `dask worker ADDRESS`) or check "
                                   "--scheduler") from None
+        try:  # a scheduler without workers would take the tasks and never run them
+            client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+        except (TimeoutError, OSError):
+            client.close()
+            raise ProtocacheError(f"the dask scheduler at {scheduler} has no workers (waited {WAIT_FOR_WORKERS_S} s); "
+                                  f"start some with `dask worker {scheduler}`") from None
     else:
         cluster = LocalCluster(n_workers=workers or 2, threads_per_worker=1, processes=True,
                                dashboard_address=None)
         client = Client(cluster)
     try:
         yield client
+    except _cluster_errors() as exc:  # the cluster failed under the tasks: what is written stays, a re-run resumes
+        raise ProtocacheError(f"the dask cluster failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                              "what was finished is kept: run the same command again (on a working cluster) "
+                              "to do the rest") from None
     finally:
         client.close()
         if cluster is not None:

@@ -143,18 +143,61 @@ def prepare_run_dir(run_dir: str | Path, store_path: str | Path, fingerprint: Ma
     return run_dir
 
 
+_writing: dict[str, int] = {}  # staging folder -> the descriptor holding its lock, while a fit of this process writes it
+
+
+def _lock(folder: Path) -> int | None:
+    """A descriptor of `folder` holding an exclusive flock on it, or None when another process holds one."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
 def begin_run(run_dir: str | Path) -> Path:
     """The empty hidden sibling (.RUN.partial) a fit writes its run into; `finish_run` puts it in place.
 
     Until then the previous run (if any) stays whole and loadable: a failed or killed fit
-    leaves only the staging folder (its log.txt says how far it got), which the next fit removes."""
-    return owned.fresh_staging(Path(run_dir).expanduser())
+    leaves only the staging folder (its log.txt says how far it got), which the next fit removes.
+    The staging folder is locked while a fit writes it, so a second fit into the same folder is
+    refused instead of deleting the first one's work (a killed fit's lock goes with its process)."""
+    run_dir = Path(run_dir).expanduser()
+    staging = owned.staging_path(run_dir)
+    busy = ProtocacheError(f"another fit is writing {run_dir} right now (its {staging.name} is locked); wait for "
+                           "it to finish, or choose another --out")
+    if staging.is_dir():
+        fd = _lock(staging)
+        if fd is None:
+            raise busy
+        os.close(fd)  # a leftover of a fit that ended: removed by fresh_staging
+    try:
+        staging = owned.fresh_staging(run_dir)
+    except FileExistsError:  # another fit made it between the check and here
+        raise busy from None
+    fd = _lock(staging)
+    if fd is None:
+        raise busy
+    _writing[str(staging)] = fd
+    return staging
+
+
+def end_run(run_dir: str | Path) -> None:
+    """Let go of the lock of a fit of `run_dir` that ended without `finish_run` (its staging folder stays)."""
+    fd = _writing.pop(str(owned.staging_path(Path(run_dir).expanduser())), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def finish_run(staging: str | Path, run_dir: str | Path) -> None:
     """Swap the complete run in `staging` in for `run_dir`: everything of the previous run, its
     eval-*.json, eval-<split>/ and confusion-*.png included, goes with it."""
     owned.replace_dir(staging, Path(run_dir).expanduser())
+    end_run(run_dir)
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:

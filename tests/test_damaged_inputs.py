@@ -253,3 +253,72 @@ def test_a_dataset_file_name_that_is_not_utf8_is_one_line_before_the_store(tmp_p
                            capsys)
     assert_one_error(code, err, r"1 image path\(s\) under .* are not valid UTF-8, e\.g\. .*cat/caf\\xe9\.png; rename")
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_second_fit_into_a_folder_being_written_is_refused(store_path, tmp_path):
+    from protocache.pipeline.fit import FitConfig, fit_head
+
+    out = tmp_path / "run"
+    staging = run_files.begin_run(out)  # a fit of this folder in progress (it holds the staging lock)
+    (staging / "log.txt").write_text("training...\n")
+    try:
+        with pytest.raises(ProtocacheError, match=r"another fit is writing .*run right now"):
+            fit_head("linear", store_path, out, {"epochs": 1}, FitConfig(progress=False, threads=1))
+        assert (staging / "log.txt").read_text() == "training...\n"  # its work is untouched
+    finally:
+        run_files.end_run(out)
+    fit_head("linear", store_path, out, {"epochs": 1}, FitConfig(progress=False, threads=1))  # a leftover: replaced
+    assert run_files.read_run(out)[0]["head"] == "linear" and not staging.exists()
+
+
+def test_evaluate_writes_nothing_when_the_run_was_refitted_meanwhile(linear_run, tmp_path, monkeypatch):
+    from protocache.pipeline import evaluate as E
+
+    run = tmp_path / "run"
+    shutil.copytree(linear_run, run)
+    real = E._evaluate
+
+    def refit_meanwhile(head, store, cfg):  # a re-fit swaps in other weights while the metrics are computed
+        out = real(head, store, cfg)
+        data = (run / run_files.WEIGHTS).read_bytes()
+        (run / run_files.WEIGHTS).unlink()
+        (run / run_files.WEIGHTS).write_bytes(data)
+        return out
+
+    monkeypatch.setattr(E, "_evaluate", refit_meanwhile)
+    with pytest.raises(ProtocacheError, match=r"was fitted again while it was being evaluated"):
+        E.evaluate_run(run)
+    assert not (run / "eval-test.json").exists() and not (run / "eval-test").exists()
+
+
+def test_a_scheduler_without_workers_is_one_line(tmp_path, capsys, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from protocache.pipeline import runtime
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                                  "--port", str(port), "--no-dashboard"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        monkeypatch.setattr(runtime, "WAIT_FOR_WORKERS_S", 2)
+        args = ["extract", "--dataset", "digits", "--backbone", "test_efficientnet", "--weights", "random",
+                "--limit", "16", "--out", tmp_path / "s.zarr", "--no-progress", "--scheduler",
+                f"tcp://127.0.0.1:{port}"]
+        assert_one_error(*run_cli(args, capsys)[::2], r"has no workers \(waited 2 s\); start some with `dask worker")
+        assert not (tmp_path / "s.zarr").exists()
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=30)

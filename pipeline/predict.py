@@ -153,12 +153,6 @@ class _ImageItems(torch.utils.data.Dataset):
             return index, torch.zeros(*self.input_size, 3, dtype=torch.uint8), False, reason[:500]
 
 
-def printable_path(path: str | Path) -> str:
-    """The path as text the Parquet table and the page can hold: bytes of a file name that are not UTF-8
-    (which Python keeps as lone surrogates) are written as backslash escapes (`bad\\xff.png`)."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
-
-
 def _table(paths: list[str | None], ok: np.ndarray, reasons: list[str], classes: np.ndarray, probs: np.ndarray,
            top_logit: np.ndarray, class_names: Sequence[str]):
     import pyarrow as pa
@@ -212,6 +206,8 @@ def predict_items(model, items: Sequence[Any], top_k: int = 5, batch_size: int =
                 classes[rows], probs[rows] = c.cpu().numpy(), p.cpu().numpy()
                 top_logit[rows] = logits.gather(1, c[:, :1])[:, 0].cpu().numpy()
             bar.update(len(index))
+    from .datasets._common import printable_path
+
     paths = [printable_path(item) if isinstance(item, (str, Path)) else None for item in items]
     return _table(paths, ok, reasons, classes, probs, top_logit, model.class_names)
 

@@ -49,8 +49,7 @@ def check_run_store(run_dir: str | Path, config: dict[str, Any], store: Any) -> 
     """Raise RunMismatch unless `store` still has the fingerprint run `run_dir` was fitted on."""
     difference = store_difference(config, store)
     fitted_on = (config.get("store") or {}).get("path")
-    if difference and fitted_on and str(fitted_on) != str(getattr(store, "path", "")) and \
-            Path(str(fitted_on)).resolve() != Path(str(store.path)).resolve():
+    if difference and fitted_on and Path(str(fitted_on)).resolve() != Path(str(store.path)).resolve():
         raise run_files.RunMismatch(
             f"{run_dir} was fitted on another store ({fitted_on}), not on {store.path} (fingerprint fields that "
             f"differ: {difference}); use a run fitted on {store.path}, or refit the run on it (`protocache fit-head`)")

@@ -202,7 +202,7 @@ def finish_run(staging: str | Path, run_dir: str | Path) -> None:
 
 def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
     """Write torch tensors to safetensors (contiguous, CPU); bytes depend only on the values."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
     path = Path(path)
@@ -210,15 +210,10 @@ def save_tensors(path: str | Path, tensors: Mapping[str, Any], metadata: Mapping
     # One metadata entry: safetensors keeps metadata in a hash map whose key order varies
     # between processes, so several keys would make the file header differ run to run.
     header = {"protocache": json.dumps(dict(metadata or {}), sort_keys=True)} if metadata else None
-    save_file(clean, str(tmp), metadata=header)
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates it owner-only; a run's files share one mode
+    # the same bytes as save_file, written by Python so the file gets the umask's mode like the run's
+    # other files (save_file creates it owner-only)
+    tmp.write_bytes(save(clean, metadata=header))
     tmp.replace(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load_tensors(path: str | Path) -> dict[str, Any]:

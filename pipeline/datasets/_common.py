@@ -16,6 +16,12 @@ from protocache.stores.errors import ProtocacheError
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm"})
 
 
+def printable_path(path: str | Path) -> str:
+    """The path as text a Parquet table or a page can hold: bytes of a file name that are not UTF-8
+    (which Python keeps as lone surrogates) are written as backslash escapes (`bad\\xff.png`)."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
 def load_image(record: dict[str, Any]) -> Image.Image:
     """Open the record's image file, decoded and turned upright in RGB by `to_rgb` (module-level, so
     DataLoader workers can pickle it)."""

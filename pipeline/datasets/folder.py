@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,8 @@ import numpy as np
 
 from protocache.stores.errors import ProtocacheError
 
-from ._common import IMAGE_EXTENSIONS, check_options, image_files, load_image, require_root, stratified_split, subdirs
+from ._common import (IMAGE_EXTENSIONS, check_options, image_files, load_image, printable_path, require_root,
+                      stratified_split, subdirs)
 from ._registry import Dataset, register_dataset
 
 FOLDER_SPLITS = ("train", "val", "test")
@@ -73,10 +73,10 @@ def build_folder(root: Path | None = None, **options: Any) -> Dataset:
         extensions = ", ".join("." + e for e in sorted(IMAGE_EXTENSIONS))
         raise ProtocacheError(f"no images found in {base}: expected {base}/<class>/<image> or "
                               f"{base}/train/<class>/<image>{hint}. Image extensions: {extensions}")
-    not_text = [f for _, _, f in listing if not _is_text(str(f))]
+    not_text = [f for _, _, f in listing if printable_path(f) != str(f)]
     if not_text:  # the store's metadata names every image (and class) as UTF-8 text
-        shown = os.fsencode(not_text[0]).decode("utf-8", "backslashreplace")
-        raise ProtocacheError(f"{len(not_text)} image path(s) under {base} are not valid UTF-8, e.g. {shown}; "
+        raise ProtocacheError(f"{len(not_text)} image path(s) under {base} are not valid UTF-8, e.g. "
+                              f"{printable_path(not_text[0])}; "
                               "rename them (e.g. with `convmv -f latin1 -t utf8`) so the store can name them")
     class_names = sorted({name for _, name, _ in listing})
     index = {n: k for k, n in enumerate(class_names)}
@@ -100,14 +100,6 @@ def build_folder(root: Path | None = None, **options: Any) -> Dataset:
                 "class_name": name, "split": str(splits[k])}
                for k, (_, name, f) in enumerate(listing)]
     return Dataset("folder", records, class_names, load_image, options=dataset_options)
-
-
-def _is_text(path: str) -> bool:
-    try:
-        path.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # bytes of another encoding, kept by Python as lone surrogates
-        return False
 
 
 def _folder_split(labels: np.ndarray, opts: FolderOptions, class_names: list[str]) -> list[str]:
